@@ -1,0 +1,104 @@
+"""The composition root: config → store → services → router → bridge → adapters."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from adapters.web import WebAdapter, WebConfig
+from core.agents import build_service
+from core.agents.base import AgentService
+from core.bridge import Bridge, ChannelAdapter
+from core.config import PLATFORMS, Config
+from core.errors import ConfigError
+from core.routing import Router
+from core.store import Store
+
+log = logging.getLogger("threadbridge")
+
+COMING = {
+    "slack": "the Slack adapter is not in this version yet",
+    "discord": "the Discord adapter is not in this version yet",
+    "telegram": "the Telegram adapter is not in this version yet",
+}
+
+
+def web_config(config: Config) -> WebConfig | None:
+    """The validated `[web]` section, or None when the web chat is off."""
+    section = config.platform("web")
+    if section is None:
+        return None
+    try:
+        web = WebConfig.model_validate(section)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = "web." + ".".join(str(p) for p in first["loc"])
+        raise ConfigError(config.path, key, first["msg"], "see the README's [web] keys") from None
+    return web if web.enabled else None
+
+
+def check_channels(config: Config) -> dict[str, str]:
+    """Each platform section's fate: 'on', or why it does not start."""
+    fate: dict[str, str] = {}
+    for name in PLATFORMS:
+        if config.platform(name) is None:
+            continue
+        if name == "web":
+            fate[name] = "on" if web_config(config) else "off: [web] enabled = false"
+        else:
+            fate[name] = f"off: {COMING[name]}"
+    return fate
+
+
+class App:
+    """Everything `threadbridge serve` runs, started and stopped in order."""
+
+    def __init__(self, config: Config, adapters: list[ChannelAdapter] | None = None) -> None:
+        self.config = config
+        self.web: WebAdapter | None = None
+        if adapters is None:
+            adapters = []
+            web = web_config(config)
+            if web is not None:
+                self.web = WebAdapter(web)
+                adapters.append(self.web)
+        self.adapters = adapters
+        self.store = Store(config.store.url, echo=config.store.echo)
+        self.router = Router(config, self.store)
+        self.services: dict[str, AgentService] = {}
+        self.bridge: Bridge | None = None
+
+    async def start(self) -> Bridge:
+        await self.store.migrate()
+        self.services = {
+            name: build_service(name, agent) for name, agent in self.config.agent_configs.items()
+        }
+        self.bridge = Bridge(self.config, self.store, self.router, self.services)
+        for adapter in self.adapters:
+            self.bridge.add_adapter(adapter)
+        await self.bridge.start()
+        for adapter in self.adapters:
+            await adapter.start(self.bridge)
+        for name, fate in check_channels(self.config).items():
+            (log.info if fate == "on" else log.warning)("channel %s: %s", name, fate)
+        log.info("agents: %s; default agent: %s", ", ".join(self.services) or "(none)",
+                 self.config.default_agent)
+        return self.bridge
+
+    async def stop(self, deadline_s: float = 10.0) -> None:
+        """Stop taking messages, finish or hand back in-flight turns, release everything."""
+        for adapter in self.adapters:
+            try:
+                await adapter.stop()
+            except Exception:
+                log.exception("stopping %s failed", adapter.source)
+        if self.bridge is not None:
+            await self.bridge.stop(deadline_s)
+        for service in self.services.values():
+            await service.aclose()
+        await self.store.close()
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "channels": [a.source for a in self.adapters]}

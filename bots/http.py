@@ -1,0 +1,35 @@
+"""The one ASGI app: web chat, admin API, health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from bots.admin.api import admin_routes
+from bots.app import App
+
+
+def create_app(app: App) -> FastAPI:
+    """The FastAPI app for `app`; its lifespan starts and stops everything."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await app.start()
+        try:
+            yield
+        finally:
+            await app.stop()
+
+    api = FastAPI(title="threadbridge", version="0.1.0", lifespan=lifespan)
+
+    @api.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        return app.health()
+
+    api.include_router(admin_routes(app.store, app.config.admin_token()))
+    if app.web is not None:
+        api.include_router(app.web.routes())
+    return api

@@ -1,0 +1,455 @@
+"""The bridge: accepts messages, runs agent turns, and hands replies to the adapters.
+
+    adapter ─submit()─▶ inbox ─claim─▶ turn (route, open, respond, tools) ─▶ messages + outbox
+                                                                               │
+    adapter ◀──────────────────────────── post() ◀──────── claim ◀─────────────┘
+
+Each arrow that crosses the database is a transaction, so a crash anywhere leaves work that
+the next start picks up. Turns run one at a time per thread, in arrival order, and up to
+`bridge.max_turns` at once across threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from core.agents.base import AgentService
+from core.config import Config
+from core.errors import AgentServiceError, MessageRejected, PlatformRejected, PlatformRetryable
+from core.model import Conversation, Inbound, Reply, ReplyKind, ThreadRef, ToolCall, Turn
+from core.routing import Router
+from core.store import Claim, ClaimLost, NewMessage, Store
+from core.tools import NoTools, ToolRunner
+
+log = logging.getLogger(__name__)
+
+
+class ChannelAdapter(Protocol):
+    """A platform (or the web chat, or the terminal) the bridge serves."""
+
+    source: str
+    working_every_s: float | None  # how often to renew the "working" sign; None: once
+
+    async def start(self, bridge: Bridge) -> None:
+        """Connect and begin handing messages to `bridge.submit`."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop taking messages and disconnect."""
+        ...
+
+    async def post(self, reply: Reply) -> list[str]:
+        """Post a reply in its thread; return the platform's message ids."""
+        ...
+
+    async def show_working(self, thread: ThreadRef) -> None:
+        """Show that the agent is working on the thread (typing, a status line)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What `submit` did with a message."""
+
+    event_id: str
+    duplicate: bool
+
+
+class Bridge:
+    """The core: owns the workers that turn inbox items into stored, posted replies."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        router: Router,
+        services: dict[str, AgentService],
+        tools: ToolRunner | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = config.bridge
+        self.store = store
+        self.router = router
+        self.services = services
+        self.tools = tools or NoTools()
+        self.adapters: dict[str, ChannelAdapter] = {}
+        self._turns: dict[int, asyncio.Task[None]] = {}
+        self._posts: dict[int, asyncio.Task[None]] = {}
+        self._tokens: dict[str, dict[str, int]] = {"inbox": {}, "outbox": {}}
+        self._inbox_wake = asyncio.Event()
+        self._outbox_wake = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.listeners: list[Callable[[str, str], Awaitable[None]]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def add_adapter(self, adapter: ChannelAdapter) -> None:
+        self.adapters[adapter.source] = adapter
+
+    async def start(self) -> None:
+        """Pick up work a crash left behind, then run the inbox and outbox loops."""
+        sources = list(self.adapters)
+        if self.store.is_sqlite:
+            handed_back = await self.store.release_stale(sources)
+            if handed_back:
+                log.info("picked up %d unfinished item(s) from before the restart", handed_back)
+        self._loops = [
+            asyncio.create_task(self._inbox_loop(), name="bridge-inbox"),
+            asyncio.create_task(self._outbox_loop(), name="bridge-outbox"),
+            asyncio.create_task(self._renew_loop(), name="bridge-leases"),
+        ]
+
+    async def stop(self, deadline_s: float = 10.0) -> None:
+        """Stop claiming; let in-flight turns and posts finish within the deadline."""
+        self._stopping = True
+        self._inbox_wake.set()
+        self._outbox_wake.set()
+        running = [*self._turns.values(), *self._posts.values()]
+        if running:
+            log.info("waiting up to %.0fs for %d turn(s) and post(s)", deadline_s, len(running))
+            _, late = await asyncio.wait(running, timeout=deadline_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.gather(*late, return_exceptions=True)
+                for name, tokens in self._tokens.items():
+                    await self.store.release(name, list(tokens))
+                log.warning("handed back %d unfinished item(s) for the next start", len(late))
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def check(self, text: str) -> None:
+        """Raise MessageRejected when a message must not go to the agent."""
+        if not text.strip():
+            raise MessageRejected("The message is empty: there is nothing to send to the agent.")
+        limit = self.settings.max_message_chars
+        if len(text) > limit:
+            raise MessageRejected(
+                f"Your message is {len(text):,} characters long; the limit is {limit:,}. "
+                "Please shorten it or send it in parts."
+            )
+
+    async def submit(self, inbound: Inbound) -> Submitted:
+        """Keep a message for its turn and return at once; duplicates stop here."""
+        self.check(inbound.text)
+        added = await self.store.add_inbound(inbound)
+        if added:
+            self._inbox_wake.set()
+            await self._emit(inbound.thread.key, "accepted")
+        return Submitted(inbound.event_id, duplicate=not added)
+
+    async def notify(self, thread: ThreadRef, text: str) -> None:
+        """Post a notice in a thread without asking the agent (refusals, help)."""
+        await self.store.queue_reply(thread, {"text": text, "kind": "notice"})
+        self._outbox_wake.set()
+
+    async def new_conversation(self, thread: ThreadRef) -> str | None:
+        """End the thread's conversation; its next message starts a fresh one."""
+        return await self.store.end_thread(thread.key)
+
+    async def _emit(self, thread_key: str, what: str) -> None:
+        for listener in self.listeners:
+            try:
+                await listener(thread_key, what)
+            except Exception:  # a listener must never break the bridge
+                log.exception("bridge listener failed")
+
+    # -- turns -------------------------------------------------------------------------------
+
+    async def _inbox_loop(self) -> None:
+        await self._claim_loop(
+            "inbox",
+            self._inbox_wake,
+            self._turns,
+            self._run_turn,
+            self.store.claim_inbox,
+            self.settings.max_turns,
+        )
+
+    async def _outbox_loop(self) -> None:
+        await self._claim_loop(
+            "outbox",
+            self._outbox_wake,
+            self._posts,
+            self._post,
+            self.store.claim_outbox,
+            self.settings.max_turns,
+        )
+
+    async def _claim_loop(
+        self,
+        name: str,
+        wake: asyncio.Event,
+        running: dict[int, asyncio.Task[None]],
+        work: Callable[[Claim], Awaitable[None]],
+        claim: Callable[[list[str], int, float], Awaitable[list[Claim]]],
+        bound: int,
+    ) -> None:
+        batch = 200
+        while not self._stopping:
+            wake.clear()
+            free = min(batch, bound - len(running))
+            try:
+                claims = await claim(list(self.adapters), free, self.settings.lease_s)
+            except Exception:
+                log.exception("%s: claiming work failed; trying again", name)
+                claims = []
+                await asyncio.sleep(self.settings.poll_s)
+            for item in claims:
+                self._tokens[name][item.token] = self._tokens[name].get(item.token, 0) + 1
+                task = asyncio.create_task(self._guard(name, item, work), name=f"{name}-{item.id}")
+                running[item.id] = task
+            if claims and len(claims) == free:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.settings.poll_s)
+
+    async def _guard(
+        self, name: str, item: Claim, work: Callable[[Claim], Awaitable[None]]
+    ) -> None:
+        try:
+            await work(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s item %d: unexpected failure; it will be retried", name, item.id)
+        finally:
+            running = self._turns if name == "inbox" else self._posts
+            running.pop(item.id, None)
+            left = self._tokens[name].get(item.token, 0) - 1
+            if left <= 0:
+                self._tokens[name].pop(item.token, None)
+            else:
+                self._tokens[name][item.token] = left
+            (self._inbox_wake if name == "inbox" else self._outbox_wake).set()
+
+    async def _renew_loop(self) -> None:
+        every = self.settings.lease_s / 3
+        while True:
+            await asyncio.sleep(every)
+            for name, tokens in self._tokens.items():
+                try:
+                    await self.store.renew(name, list(tokens), self.settings.lease_s)
+                except Exception:
+                    log.exception("renewing %s leases failed", name)
+
+    async def _run_turn(self, claim: Claim) -> None:
+        inbound = Inbound.from_json(claim.payload)
+        working = asyncio.create_task(self._show_working(inbound.thread))
+        user = NewMessage(
+            role="user",
+            content=inbound.text,
+            name=inbound.author.name or None,
+            author_id=inbound.author.id,
+            author_name=inbound.author.name or None,
+            event_id=inbound.event_id,
+            created=claim.created,
+        )
+        conversation: Conversation | None = None
+        try:
+            conversation = await self._conversation(inbound)
+            if claim.attempts > self.settings.max_attempts:
+                raise AgentServiceError(f"gave up after {claim.attempts - 1} interrupted tries")
+            service = self.services.get(conversation.agent)
+            if service is None:
+                raise AgentServiceError(f"agent {conversation.agent!r} is not configured any more")
+            if service.stateful and not conversation.remote_id:
+                conversation.remote_id = await service.open(conversation)
+                if conversation.remote_id:
+                    await self.store.set_remote(conversation.id, remote_id=conversation.remote_id)
+            produced = await self._converse(service, conversation, inbound)
+            await self.store.finish_turn(
+                claim,
+                conversation,
+                [user, *produced],
+                remote_id=conversation.remote_id,
+                state=conversation.state,
+            )
+        except ClaimLost as exc:
+            log.warning("%s; dropping this worker's result", exc)
+        except Exception as exc:
+            if conversation is None:
+                raise  # nothing opened yet (the store failed): the lease lapses, and it is retried
+            if isinstance(exc, AgentServiceError):
+                log.warning("turn %s failed: %s", inbound.event_id, exc)
+            else:
+                log.exception("turn %s failed unexpectedly", inbound.event_id)
+            notice = NewMessage(
+                role="system", kind="notice", post=True, content=self.settings.failure_notice
+            )
+            reason = str(exc) if isinstance(exc, AgentServiceError) else f"internal error: {exc!r}"
+            await self.store.finish_turn(claim, conversation, [user, notice], failed=reason)
+        finally:
+            working.cancel()
+        self._outbox_wake.set()
+        await self._emit(inbound.thread.key, "turn")
+
+    async def _conversation(self, inbound: Inbound) -> Conversation:
+        existing = await self.store.conversation_for_thread(inbound.thread.key)
+        if existing is not None:
+            return existing
+        decision = await self.router.agent_for(inbound.thread)
+        conversation = await self.store.open_conversation(
+            inbound.thread, decision.agent, inbound.data, inbound.author.id or None
+        )
+        if decision.route is not None:
+            conversation.situation = decision.route.situation
+        log.info(
+            "thread %s: new conversation %s with agent %s (%s)",
+            inbound.thread.key,
+            conversation.id,
+            decision.agent,
+            decision.why,
+        )
+        return conversation
+
+    async def _converse(
+        self, service: AgentService, conversation: Conversation, inbound: Inbound
+    ) -> list[NewMessage]:
+        """Ask the agent, running the tool calls it makes, until it answers with content."""
+        history: list[Turn] = []
+        if not service.stateful:
+            memory = self.config.agent_configs[conversation.agent].memory
+            history = await self._history(conversation.id, memory)
+        new = [
+            Turn(
+                role="user",
+                content=inbound.text,
+                name=inbound.author.name or None,
+                author_id=inbound.author.id,
+            )
+        ]
+        produced: list[NewMessage] = []
+        steps = 0
+        while True:
+            response = await service.respond(conversation, history, new)
+            if response.remote_id:
+                conversation.remote_id = response.remote_id
+            if response.state is not None:
+                conversation.state = response.state
+            for turn in response.turns:
+                produced.append(
+                    _stored(
+                        turn, post=turn.role == "agent" and not turn.hidden and bool(turn.content)
+                    )
+                )
+            if not response.tool_calls:
+                return produced
+            steps += 1
+            if steps > self.settings.max_tool_steps:
+                produced.append(
+                    NewMessage(
+                        role="system",
+                        kind="notice",
+                        post=True,
+                        content=f"The agent stopped after {steps - 1} tool steps with no answer.",
+                    )
+                )
+                return produced
+            results = [
+                await self._run_tool(conversation.agent, call) for call in response.tool_calls
+            ]
+            for result in results:
+                produced.append(_stored(result, post=False))
+            history = [*history, *new, *response.turns]
+            new = results
+
+    async def _run_tool(self, agent: str, call: ToolCall) -> Turn:
+        try:
+            result = await self.tools.run(agent, call)
+        except Exception as exc:  # a broken tool is a result the agent can read, not a crash
+            log.exception("tool %s failed", call.name)
+            result = f'{{"error": "tool {call.name} failed: {type(exc).__name__}"}}'
+        return Turn(role="tool", content=result, name=call.name, tool_call_id=call.id)
+
+    async def _history(self, conversation_id: str, memory: int) -> list[Turn]:
+        rows = await self.store.history(conversation_id, limit=memory)
+        return [_turn(row) for row in rows if row.kind != "notice"]
+
+    async def _show_working(self, thread: ThreadRef) -> None:
+        adapter = self.adapters.get(thread.source)
+        if adapter is None:
+            return
+        while True:
+            try:
+                await adapter.show_working(thread)
+            except Exception as exc:  # showing work is a courtesy; never fail a turn for it
+                log.debug("show_working on %s failed: %s", thread.key, exc)
+            if adapter.working_every_s is None:
+                return
+            await asyncio.sleep(adapter.working_every_s)
+
+    # -- posting -----------------------------------------------------------------------------
+
+    async def _post(self, claim: Claim) -> None:
+        thread = ThreadRef.parse(claim.thread_key)
+        adapter = self.adapters[thread.source]
+        payload = claim.payload
+        kind: ReplyKind = "notice" if payload.get("kind") == "notice" else "answer"
+        reply = Reply(
+            thread=thread,
+            text=str(payload.get("text", "")),
+            kind=kind,
+            reply_to=payload.get("reply_to"),
+        )
+        try:
+            ids = await adapter.post(reply)
+        except PlatformRejected as exc:
+            log.error("%s refused a reply in %s for good: %s", thread.source, thread.key, exc)
+            await self.store.finish_outbox(claim, sent=False, error=str(exc))
+            return
+        except (PlatformRetryable, Exception) as exc:
+            if claim.attempts > self.settings.post_retries:
+                log.error(
+                    "giving up posting to %s after %d attempts: %s", thread.key, claim.attempts, exc
+                )
+                await self.store.finish_outbox(claim, sent=False, error=str(exc))
+                return
+            hint = exc.retry_after if isinstance(exc, PlatformRetryable) else None
+            delay = (
+                hint
+                if hint is not None
+                else min(60.0, 2.0**claim.attempts) * random.uniform(0.5, 1)
+            )
+            log.warning("posting to %s failed (%s); retry in %.1fs", thread.key, exc, delay)
+            await self.store.retry_outbox_later(claim, delay, str(exc))
+            return
+        await self.store.finish_outbox(claim, sent=True, platform_ids=ids)
+        await self._emit(thread.key, "posted")
+
+
+def _stored(turn: Turn, *, post: bool) -> NewMessage:
+    calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.tool_calls]
+    return NewMessage(
+        role=turn.role,
+        content=turn.content,
+        name=turn.name,
+        tool_calls=calls or None,
+        tool_call_id=turn.tool_call_id,
+        post=post,
+        kind="hidden" if turn.hidden else "message",
+    )
+
+
+def _turn(row: Any) -> Turn:
+    calls = [ToolCall(c["id"], c["name"], c["arguments"]) for c in (row.tool_calls or [])]
+    return Turn(
+        role=row.role,
+        content=row.content,
+        name=row.name,
+        tool_calls=calls,
+        tool_call_id=row.tool_call_id,
+        author_id=row.author_id,
+        created=row.created,
+        hidden=row.kind == "hidden",
+    )
