@@ -22,7 +22,9 @@ class TerminalAdapter:
     working_every_s: float | None = None
 
     def __init__(
-        self, thread: str | None = None, user: str = "you",
+        self,
+        thread: str | None = None,
+        user: str = "you",
         write: Callable[[str], None] | None = None,
     ) -> None:
         self.thread = ThreadRef(SOURCE, "-", "-", thread or uuid.uuid4().hex[:12])
@@ -53,8 +55,10 @@ class TerminalAdapter:
         """Submit one line; False when it was not sent (empty, too long)."""
         assert self.bridge is not None
         inbound = Inbound(
-            event_id=f"cli:{uuid.uuid4().hex}", thread=self.thread,
-            author=Author(id=self.user, name=self.user), text=text,
+            event_id=f"cli:{uuid.uuid4().hex}",
+            thread=self.thread,
+            author=Author(id=self.user, name=self.user),
+            text=text,
             data={"thread_id": self.thread.thread, "user_name": self.user},
         )
         try:

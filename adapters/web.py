@@ -46,7 +46,8 @@ class ChatIn(BaseModel):
     text: str = Field(max_length=1_000_000)
     user: str = Field(default="web user", min_length=1, max_length=100)
     id: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="client message id; a repeated id is accepted once",
     )
 
@@ -132,7 +133,8 @@ class WebAdapter:
         @router.get("/api/chat/{thread}/events")
         async def events(thread: ThreadId, request: Request) -> StreamingResponse:
             return StreamingResponse(
-                self._stream(thread, request), media_type="text/event-stream",
+                self._stream(thread, request),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
             )
 
@@ -177,7 +179,9 @@ class WebAdapter:
         return self.bridge
 
 
-def _message(role: str, text: str, created: Any, status: str, kind: str = "message") -> dict[str, Any]:
+def _message(
+    role: str, text: str, created: Any, status: str, kind: str = "message"
+) -> dict[str, Any]:
     stamp = aware(created)
     return {
         "role": role,
@@ -189,4 +193,6 @@ def _message(role: str, text: str, created: Any, status: str, kind: str = "messa
 
 
 def _html_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )

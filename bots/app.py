@@ -83,8 +83,11 @@ class App:
             await adapter.start(self.bridge)
         for name, fate in check_channels(self.config).items():
             (log.info if fate == "on" else log.warning)("channel %s: %s", name, fate)
-        log.info("agents: %s; default agent: %s", ", ".join(self.services) or "(none)",
-                 self.config.default_agent)
+        log.info(
+            "agents: %s; default agent: %s",
+            ", ".join(self.services) or "(none)",
+            self.config.default_agent,
+        )
         return self.bridge
 
     async def stop(self, deadline_s: float = 10.0) -> None:

@@ -17,7 +17,9 @@ from core.errors import ConfigError
 
 cli = typer.Typer(
     help="Put hosted AI agents into Slack, Discord, Telegram and a web chat.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 conversations_cli = typer.Typer(help="Search and read stored conversations.", no_args_is_help=True)
 routes_cli = typer.Typer(help="Which agent serves which channel.", no_args_is_help=True)
@@ -30,8 +32,13 @@ cli.add_typer(config_cli, name="config")
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", envvar="THREADBRIDGE_CONFIG", show_envvar=True,
-                 help="config file [default: config/threadbridge.toml]"),
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="THREADBRIDGE_CONFIG",
+        show_envvar=True,
+        help="config file [default: config/threadbridge.toml]",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
@@ -51,7 +58,8 @@ def load(path: str | None, *, check_secrets: bool = True) -> Config:
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
-        level=level, stream=sys.stderr,
+        level=level,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     # Request URLs can carry tokens (Telegram puts the bot token in the path): keep them out.
@@ -89,11 +97,16 @@ def serve(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     app = App(cfg)
-    server = _Server(uvicorn.Config(
-        create_app(app), host=host or cfg.server.host,
-        port=cfg.server.port if port is None else port, log_level=log_level.lower(),
-        lifespan="on", timeout_graceful_shutdown=15,
-    ))
+    server = _Server(
+        uvicorn.Config(
+            create_app(app),
+            host=host or cfg.server.host,
+            port=cfg.server.port if port is None else port,
+            log_level=log_level.lower(),
+            lifespan="on",
+            timeout_graceful_shutdown=15,
+        )
+    )
     typer.echo(f"threadbridge: config {cfg.path}, store {_safe_url(cfg.store.url)}", err=True)
     server.run()
     if not server.started:
@@ -103,7 +116,9 @@ def serve(
 @cli.command()
 def chat(
     config: ConfigOpt = None,
-    agent: Annotated[str | None, typer.Option(help="talk to this agent, whatever the routes say")] = None,
+    agent: Annotated[
+        str | None, typer.Option(help="talk to this agent, whatever the routes say")
+    ] = None,
     thread: Annotated[str | None, typer.Option(help="continue this terminal thread id")] = None,
     user: Annotated[str, typer.Option(help="your name in the conversation")] = "you",
 ) -> None:
@@ -121,10 +136,15 @@ def chat(
         app = App(cfg, adapters=[terminal])
         await app.start()
         try:
-            if agent is not None and await app.store.conversation_for_thread(terminal.thread.key) is None:
+            if (
+                agent is not None
+                and await app.store.conversation_for_thread(terminal.thread.key) is None
+            ):
                 await app.store.open_conversation(terminal.thread, agent, {"user_name": user}, user)
-            typer.echo(f"thread {terminal.thread.thread} · agent "
-                       f"{agent or (await app.router.agent_for(terminal.thread)).agent}")
+            typer.echo(
+                f"thread {terminal.thread.thread} · agent "
+                f"{agent or (await app.router.agent_for(terminal.thread)).agent}"
+            )
             await terminal.repl()
         finally:
             await app.stop(deadline_s=5)
@@ -142,11 +162,15 @@ def conversations_search(
     agent: Annotated[str | None, typer.Option()] = None,
     status: Annotated[str | None, typer.Option(help="open, closed or failed")] = None,
     text: Annotated[str | None, typer.Option(help="words in any message")] = None,
-    since: Annotated[datetime | None, typer.Option(help="created at or after (ISO date/time)")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="created at or after (ISO date/time)")
+    ] = None,
     until: Annotated[datetime | None, typer.Option(help="created before (ISO date/time)")] = None,
     limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
     offset: Annotated[int, typer.Option(min=0)] = 0,
-    reversed: Annotated[bool, typer.Option("--reversed/--oldest-first", help="newest first")] = True,
+    reversed: Annotated[
+        bool, typer.Option("--reversed/--oldest-first", help="newest first")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """List conversations, newest first, filtered by source, channel, user, text…"""
@@ -156,9 +180,20 @@ def conversations_search(
     if status is not None and status not in ("open", "closed", "failed"):
         raise fail("--status takes open, closed or failed")
     cfg = load(config, check_secrets=False)
-    filters = SearchFilters(source=source, workspace=workspace, channel=channel, user=user,
-                            agent=agent, status=status, text=text, since=aware(since),
-                            until=aware(until), limit=limit, offset=offset, reversed=reversed)
+    filters = SearchFilters(
+        source=source,
+        workspace=workspace,
+        channel=channel,
+        user=user,
+        agent=agent,
+        status=status,
+        text=text,
+        since=aware(since),
+        until=aware(until),
+        limit=limit,
+        offset=offset,
+        reversed=reversed,
+    )
 
     async def run() -> tuple[list[Any], int]:
         store = Store(cfg.store.url)
@@ -170,17 +205,31 @@ def conversations_search(
 
     found, total = asyncio.run(run())
     if as_json:
-        typer.echo(json.dumps({"total": total, "items": [conversation_json(c) for c in found]},
-                              indent=2, ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {"total": total, "items": [conversation_json(c) for c in found]},
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
         return
     if not found:
         typer.echo(f"no conversations match (total {total})")
         return
-    rows = [(c.id, c.source, c.agent, c.status, c.created.strftime("%Y-%m-%d %H:%M") if c.created else "",
-             c.thread_key, str(c.data.get("user_name") or c.data.get("user_id") or ""))
-            for c in found]
+    rows = [
+        (
+            c.id,
+            c.source,
+            c.agent,
+            c.status,
+            c.created.strftime("%Y-%m-%d %H:%M") if c.created else "",
+            c.thread_key,
+            str(c.data.get("user_name") or c.data.get("user_id") or ""),
+        )
+        for c in found
+    ]
     _table(("id", "source", "agent", "status", "created", "thread", "user"), rows)
-    shown = f"{offset + 1}–{offset + len(found)}"
+    shown = f"{offset + 1}-{offset + len(found)}"
     typer.echo(f"{shown} of {total}")
 
 
@@ -211,8 +260,9 @@ def conversations_show(
     if as_json:
         typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
         return
-    typer.echo(f"conversation {body['id']} · {body['source']} · agent {body['agent']} · "
-               f"{body['status']}")
+    typer.echo(
+        f"conversation {body['id']} · {body['source']} · agent {body['agent']} · {body['status']}"
+    )
     typer.echo(f"thread {body['thread_key']} · remote id {body['remote_id'] or '-'}")
     typer.echo(f"data {json.dumps(body['data'], ensure_ascii=False)}")
     for m in body["messages"]:
@@ -242,14 +292,36 @@ def routes_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             await store.close()
 
     found = asyncio.run(run())
-    items = [{"tier": r.tier, "source": r.source, "workspace": r.workspace, "channel": r.channel,
-              "agent": r.agent, "origin": r.origin, "set_by": r.set_by} for r in found]
+    items = [
+        {
+            "tier": r.tier,
+            "source": r.source,
+            "workspace": r.workspace,
+            "channel": r.channel,
+            "agent": r.agent,
+            "origin": r.origin,
+            "set_by": r.set_by,
+        }
+        for r in found
+    ]
     if as_json:
         typer.echo(json.dumps({"default_agent": cfg.default_agent, "routes": items}, indent=2))
         return
-    _table(("tier", "source", "workspace", "channel", "agent", "origin"),
-           [(i["tier"], i["source"], i["workspace"] or "*", i["channel"] or "*", i["agent"],
-             i["origin"]) for i in items] + [("default", "*", "*", "*", cfg.default_agent, "config")])
+    _table(
+        ("tier", "source", "workspace", "channel", "agent", "origin"),
+        [
+            (
+                i["tier"],
+                i["source"],
+                i["workspace"] or "*",
+                i["channel"] or "*",
+                i["agent"],
+                i["origin"],
+            )
+            for i in items
+        ]
+        + [("default", "*", "*", "*", cfg.default_agent, "config")],
+    )
 
 
 @cli.command()
@@ -257,7 +329,9 @@ def emulate(
     service: Annotated[str, typer.Argument(help="engage")],
     port: Annotated[int, typer.Option(help="0: any free port")] = 8765,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
-    api_key: Annotated[list[str] | None, typer.Option(help="accept only this key (repeatable)")] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="accept only this key (repeatable)")
+    ] = None,
     latency: Annotated[float, typer.Option(help="seconds each agent answer takes")] = 0.0,
 ) -> None:
     """Run an emulator of an agent service, for trying threadbridge without an account."""

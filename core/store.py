@@ -508,9 +508,7 @@ class Store:
                         "kind": message.kind,
                         "reply_to": claim.payload.get("event_id"),
                     }
-                    await self.queue_reply(
-                        thread, payload, conversation.id, _new_id(result), conn
-                    )
+                    await self.queue_reply(thread, payload, conversation.id, _new_id(result), conn)
             values: dict[str, Any] = {"updated": now, "status": "failed" if failed else "open"}
             if remote_id is not None:
                 values["remote_id"] = remote_id

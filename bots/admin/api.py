@@ -71,7 +71,8 @@ def admin_guard(token: str) -> Any:
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
                 raise HTTPException(
-                    401, "admin token required: send Authorization: Bearer <token>",
+                    401,
+                    "admin token required: send Authorization: Bearer <token>",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
             return
@@ -82,7 +83,8 @@ def admin_guard(token: str) -> Any:
             loopback = host in ("localhost", "testclient")
         if not loopback:
             raise HTTPException(
-                403, "no admin token is set, so the admin API answers on loopback only; "
+                403,
+                "no admin token is set, so the admin API answers on loopback only; "
                 "set THREADBRIDGE_ADMIN_TOKEN (or [admin] token_env) to allow remote admins",
             )
 
@@ -108,13 +110,24 @@ def admin_routes(store: Store, token: str) -> APIRouter:
         reversed: bool = True,
     ) -> dict[str, Any]:
         filters = SearchFilters(
-            source=source, workspace=workspace, channel=channel, user=user, agent=agent,
-            status=status, text=text, since=aware(since), until=aware(until), limit=limit,
-            offset=offset, reversed=reversed,
+            source=source,
+            workspace=workspace,
+            channel=channel,
+            user=user,
+            agent=agent,
+            status=status,
+            text=text,
+            since=aware(since),
+            until=aware(until),
+            limit=limit,
+            offset=offset,
+            reversed=reversed,
         )
         found, total = await store.search(filters)
         return {
-            "total": total, "limit": limit, "offset": offset,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
             "items": [conversation_json(c) for c in found],
         }
 

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -107,7 +107,7 @@ def retry_after_seconds(value: str | None) -> float | None:
 class HttpAgentService:
     """Base of the HTTP clients: one pooled httpx client, retries, and error mapping."""
 
-    stateful: ClassVar[bool] = False
+    stateful: bool = False
 
     def __init__(self, name: str, config: HttpAgentConfig, headers: dict[str, str]) -> None:
         self.name = name
@@ -144,6 +144,8 @@ class HttpAgentService:
             except AgentUnavailable as exc:
                 if attempt >= self.config.retries:
                     raise
+                if exc.retry_after is not None and exc.retry_after > self.config.max_backoff_s:
+                    raise  # the service asks for a longer wait than a person should sit through
                 delay = self._backoff(attempt, exc.retry_after)
                 log.warning(
                     "agent %s: %s %s failed (%s); retry %d/%d in %.2fs",
@@ -160,7 +162,7 @@ class HttpAgentService:
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(retry_after, max(self.config.max_backoff_s, retry_after))
+            return retry_after
         base: float = min(self.config.backoff_s * (2**attempt), self.config.max_backoff_s)
         return base * (0.5 + random.random() / 2)
 
@@ -169,6 +171,8 @@ class HttpAgentService:
     ) -> Any:
         try:
             response = await self._http.request(method, path, json=json, params=params)
+        except httpx.UnsupportedProtocol as exc:
+            raise AgentRejected(f"base_url {self.config.base_url!r} is not an http(s) URL") from exc
         except httpx.TimeoutException as exc:
             raise AgentUnavailable(f"timed out after {self.config.timeout_s:g}s") from exc
         except httpx.TransportError as exc:
