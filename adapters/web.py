@@ -87,6 +87,10 @@ class WebAdapter:
         bridge.listeners.append(self._on_bridge)
 
     async def stop(self) -> None:
+        self.close_streams()
+
+    def close_streams(self) -> None:
+        """End every open event stream (the page reconnects to the next server)."""
         for queues in self._streams.values():
             for queue in queues:
                 queue.put_nowait("bye")

@@ -90,6 +90,11 @@ class App:
         )
         return self.bridge
 
+    def draining(self) -> None:
+        """A stop was asked for: end long-lived requests so the server can close."""
+        if self.web is not None:
+            self.web.close_streams()
+
     async def stop(self, deadline_s: float = 10.0) -> None:
         """Stop taking messages, finish or hand back in-flight turns, release everything."""
         for adapter in self.adapters:

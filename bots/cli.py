@@ -71,6 +71,14 @@ class _Server(uvicorn.Server):
     """uvicorn that says where it listens once the socket is bound (port 0 included)."""
 
     label = "threadbridge"
+    on_exit: Any = None  # called (in the loop) as soon as a stop signal arrives
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Open event streams would hold up the shutdown until uvicorn's timeout: end them first.
+        if self.on_exit is not None and self.servers:
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(self.on_exit)
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -107,6 +115,7 @@ def serve(
             timeout_graceful_shutdown=15,
         )
     )
+    server.on_exit = app.draining
     typer.echo(f"threadbridge: config {cfg.path}, store {_safe_url(cfg.store.url)}", err=True)
     server.run()
     if not server.started:
