@@ -56,10 +56,12 @@ class RecordingChannel:
         await asyncio.wait_for(enough(), timeout)
 
 
-def make_config(tmp_path: Path, **extra: Any) -> Config:
+def make_config(store: Path | str, **extra: Any) -> Config:
+    """A config for tests; `store` is a store URL, or a folder for a SQLite file."""
+    url = store if isinstance(store, str) else f"sqlite+aiosqlite:///{store}/tb.db"
     raw: dict[str, Any] = {
         "default_agent": "demo",
-        "store": {"url": f"sqlite+aiosqlite:///{tmp_path}/tb.db"},
+        "store": {"url": url},
         "bridge": {"poll_s": 0.05, "lease_s": 5},
         "agents": {"demo": {"service": "local"}},
     }

@@ -1,4 +1,4 @@
-"""`threadbridge serve`, the real process: web chat → Engage emulator → replies, search, restarts."""
+"""`threadbridge serve`, the real process: web chat, Engage emulator, search, restarts."""
 
 from __future__ import annotations
 

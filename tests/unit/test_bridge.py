@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from core.errors import MessageRejected, PlatformRejected, PlatformRetryable
@@ -18,9 +16,9 @@ from tests.bridgekit import (
 )
 
 
-async def test_two_threads_get_their_own_conversations(tmp_path: Path) -> None:
+async def test_two_threads_get_their_own_conversations(store_url: str) -> None:
     channel = RecordingChannel()
-    bridge = await start_bridge(make_config(tmp_path), channel)
+    bridge = await start_bridge(make_config(store_url), channel)
     await bridge.submit(inbound("a", "hello from a"))
     await bridge.submit(inbound("b", "hello from b"))
     await channel.wait_for(2)
@@ -39,9 +37,9 @@ async def test_two_threads_get_their_own_conversations(tmp_path: Path) -> None:
     await stop_bridge(bridge)
 
 
-async def test_replies_in_a_thread_keep_arrival_order(tmp_path: Path) -> None:
+async def test_replies_in_a_thread_keep_arrival_order(store_url: str) -> None:
     channel = RecordingChannel()
-    bridge = await start_bridge(make_config(tmp_path), channel)
+    bridge = await start_bridge(make_config(store_url), channel)
     for n in range(8):
         await bridge.submit(inbound("t", f"message {n}"))
     await channel.wait_for(8)
@@ -49,9 +47,9 @@ async def test_replies_in_a_thread_keep_arrival_order(tmp_path: Path) -> None:
     await stop_bridge(bridge)
 
 
-async def test_a_duplicate_event_is_answered_once(tmp_path: Path) -> None:
+async def test_a_duplicate_event_is_answered_once(store_url: str) -> None:
     channel = RecordingChannel()
-    bridge = await start_bridge(make_config(tmp_path), channel)
+    bridge = await start_bridge(make_config(store_url), channel)
     first = await bridge.submit(inbound("t", "once", event="evt-1"))
     again = await bridge.submit(inbound("t", "once", event="evt-1"))
     assert (first.duplicate, again.duplicate) == (False, True)
@@ -66,18 +64,18 @@ async def test_a_duplicate_event_is_answered_once(tmp_path: Path) -> None:
     ("text", "words"), [("", "empty"), ("  \n\t ", "empty"), ("x" * 101, "101 characters")]
 )
 async def test_empty_and_oversized_messages_never_reach_the_agent(
-    tmp_path: Path, text: str, words: str
+    store_url: str, text: str, words: str
 ) -> None:
     channel = RecordingChannel()
-    bridge = await start_bridge(make_config(tmp_path, bridge={"max_message_chars": 100}), channel)
+    bridge = await start_bridge(make_config(store_url, bridge={"max_message_chars": 100}), channel)
     with pytest.raises(MessageRejected, match=words):
         await bridge.submit(inbound("t", text))
     assert await bridge.store.counts() == {}
     await stop_bridge(bridge)
 
 
-async def test_unfinished_work_is_picked_up_after_a_restart(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
+async def test_unfinished_work_is_picked_up_after_a_restart(store_url: str) -> None:
+    config = make_config(store_url)
     channel = RecordingChannel()
     bridge = await start_bridge(config, channel)
     await bridge.stop()  # no workers: the message waits in the inbox
@@ -90,13 +88,13 @@ async def test_unfinished_work_is_picked_up_after_a_restart(tmp_path: Path) -> N
     await stop_bridge(bridge2)
 
 
-async def test_a_post_that_fails_is_retried_then_sent_once(tmp_path: Path) -> None:
+async def test_a_post_that_fails_is_retried_then_sent_once(store_url: str) -> None:
     channel = RecordingChannel()
     channel.failures = [
         PlatformRetryable("429", retry_after=0.05),
         PlatformRetryable("503", retry_after=0.05),
     ]
-    bridge = await start_bridge(make_config(tmp_path), channel)
+    bridge = await start_bridge(make_config(store_url), channel)
     await bridge.submit(inbound("t", "hi"))
     await channel.wait_for(1)
     counts = await eventually(lambda: _sent(bridge))
@@ -105,10 +103,10 @@ async def test_a_post_that_fails_is_retried_then_sent_once(tmp_path: Path) -> No
     await stop_bridge(bridge)
 
 
-async def test_a_post_the_platform_refuses_is_not_retried(tmp_path: Path) -> None:
+async def test_a_post_the_platform_refuses_is_not_retried(store_url: str) -> None:
     channel = RecordingChannel()
     channel.failures = [PlatformRejected("bot was removed from the channel")]
-    bridge = await start_bridge(make_config(tmp_path), channel)
+    bridge = await start_bridge(make_config(store_url), channel)
     await bridge.submit(inbound("t", "hi"))
     counts = await eventually(lambda: _failed(bridge))
     assert counts["outbox_failed"] == 1
@@ -116,9 +114,9 @@ async def test_a_post_the_platform_refuses_is_not_retried(tmp_path: Path) -> Non
     await stop_bridge(bridge)
 
 
-async def test_notices_and_new_conversations(tmp_path: Path) -> None:
+async def test_notices_and_new_conversations(store_url: str) -> None:
     channel = RecordingChannel()
-    bridge = await start_bridge(make_config(tmp_path), channel)
+    bridge = await start_bridge(make_config(store_url), channel)
     thread = ThreadRef("web", "-", "-", "t")
     await bridge.submit(inbound("t", "one"))
     await channel.wait_for(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,10 +51,10 @@ def fault(url: str, **body: Any) -> None:
 
 
 async def test_a_stateful_agent_is_opened_once_and_sent_only_new_messages(
-    tmp_path: Path, engage: str
+    store_url: str, engage: str
 ) -> None:
     channel = RecordingChannel()
-    config = make_config(tmp_path, agents={"eng": agent(engage)}, default_agent="eng")
+    config = make_config(store_url, agents={"eng": agent(engage)}, default_agent="eng")
     bridge = await start_bridge(config, channel)
     await bridge.submit(inbound("t", "first", data={"team": "T1"}))
     await channel.wait_for(1)
@@ -81,10 +80,10 @@ async def test_a_stateful_agent_is_opened_once_and_sent_only_new_messages(
     await stop_bridge(bridge)
 
 
-async def test_a_stateless_agent_gets_the_history(tmp_path: Path, engage: str) -> None:
+async def test_a_stateless_agent_gets_the_history(store_url: str, engage: str) -> None:
     channel = RecordingChannel()
     config = make_config(
-        tmp_path, agents={"eng": agent(engage, "engage-runs")}, default_agent="eng"
+        store_url, agents={"eng": agent(engage, "engage-runs")}, default_agent="eng"
     )
     bridge = await start_bridge(config, channel)
     await bridge.submit(inbound("t", "first"))
@@ -101,11 +100,11 @@ async def test_a_stateless_agent_gets_the_history(tmp_path: Path, engage: str) -
     await stop_bridge(bridge)
 
 
-async def test_a_stateless_agent_gets_at_most_memory_turns(tmp_path: Path, engage: str) -> None:
+async def test_a_stateless_agent_gets_at_most_memory_turns(store_url: str, engage: str) -> None:
     channel = RecordingChannel()
     runs = agent(engage, "engage-runs", memory=2)
     bridge = await start_bridge(
-        make_config(tmp_path, agents={"eng": runs}, default_agent="eng"), channel
+        make_config(store_url, agents={"eng": runs}, default_agent="eng"), channel
     )
     for n, text in enumerate(("one", "two", "three")):
         await bridge.submit(inbound("t", text))
@@ -120,10 +119,10 @@ async def test_a_stateless_agent_gets_at_most_memory_turns(tmp_path: Path, engag
 
 
 async def test_an_agent_that_keeps_failing_tells_the_user_and_keeps_the_message(
-    tmp_path: Path, engage: str
+    store_url: str, engage: str
 ) -> None:
     channel = RecordingChannel()
-    config = make_config(tmp_path, agents={"eng": agent(engage)}, default_agent="eng")
+    config = make_config(store_url, agents={"eng": agent(engage)}, default_agent="eng")
     bridge = await start_bridge(config, channel)
     fault(engage, status=503, times=3, path_contains="/chat")
     await bridge.submit(inbound("t", "are you there?"))
@@ -148,11 +147,11 @@ async def test_an_agent_that_keeps_failing_tells_the_user_and_keeps_the_message(
 
 
 async def test_a_rejected_call_is_not_retried(
-    tmp_path: Path, engage: str, monkeypatch: pytest.MonkeyPatch
+    store_url: str, engage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TB_ENGAGE_KEY", "wrong-key")
     channel = RecordingChannel()
-    config = make_config(tmp_path, agents={"eng": agent(engage)}, default_agent="eng")
+    config = make_config(store_url, agents={"eng": agent(engage)}, default_agent="eng")
     bridge = await start_bridge(config, channel)
     await bridge.submit(inbound("t", "hi"))
     await channel.wait_for(1)
@@ -161,9 +160,9 @@ async def test_a_rejected_call_is_not_retried(
     await stop_bridge(bridge)
 
 
-async def test_429_waits_for_retry_after_then_answers(tmp_path: Path, engage: str) -> None:
+async def test_429_waits_for_retry_after_then_answers(store_url: str, engage: str) -> None:
     channel = RecordingChannel()
-    config = make_config(tmp_path, agents={"eng": agent(engage)}, default_agent="eng")
+    config = make_config(store_url, agents={"eng": agent(engage)}, default_agent="eng")
     bridge = await start_bridge(config, channel)
     fault(engage, status=429, times=1, retry_after=0.3, path_contains="/chat")
     await bridge.submit(inbound("t", "busy?"))
@@ -175,13 +174,13 @@ async def test_429_waits_for_retry_after_then_answers(tmp_path: Path, engage: st
 
 
 async def test_many_threads_are_served_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TB_ENGAGE_KEY", "k")
     monkeypatch.setenv("TB_ENGAGE_ORG", "o")
     with run_asgi(create_app(latency_s=1.0)) as url:
         channel = RecordingChannel()
-        config = make_config(tmp_path, agents={"eng": agent(url)}, default_agent="eng")
+        config = make_config(store_url, agents={"eng": agent(url)}, default_agent="eng")
         bridge = await start_bridge(config, channel)
         for n in range(60):
             await bridge.submit(inbound(f"t{n}", f"hello {n}"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -11,8 +9,8 @@ from core.store import Store
 from core.tables import metadata
 
 
-async def test_migrations_match_the_models(tmp_path: Path) -> None:
-    store = Store(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+async def test_migrations_match_the_models(store_url: str) -> None:
+    store = Store(store_url)
     await store.migrate()
     await store.migrate()  # a second run is a no-op
 
