@@ -17,11 +17,13 @@ from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.bridge import Bridge
 from core.errors import MessageRejected
+from core.jsonbody import BodyInvalid, validate_json
 from core.model import Author, Inbound, Reply, ThreadRef
 from core.store import aware
 
@@ -50,6 +52,26 @@ class ChatIn(BaseModel):
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="client message id; a repeated id is accepted once",
     )
+
+
+_CHAT_IN_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatIn.model_json_schema()}},
+    }
+}
+
+
+async def _chat_body(request: Request) -> ChatIn:
+    """The posted ChatIn; 422 with the reason for any bad body.
+
+    Read by hand: FastAPI answers a body that is not UTF-8 with a reasonless 400, and its
+    json.loads lets a lone surrogate escape through, which the store then fails on with a 500.
+    """
+    try:
+        return validate_json(await request.body(), ChatIn)
+    except BodyInvalid as exc:
+        raise RequestValidationError(exc.errors) from None
 
 
 def thread_ref(thread: str) -> ThreadRef:
@@ -120,8 +142,9 @@ class WebAdapter:
         async def index() -> HTMLResponse:
             return HTMLResponse(page)
 
-        @router.post("/api/chat/{thread}", status_code=202)
-        async def send(thread: ThreadId, body: ChatIn, request: Request) -> dict[str, Any]:
+        @router.post("/api/chat/{thread}", status_code=202, openapi_extra=_CHAT_IN_SCHEMA)
+        async def send(thread: ThreadId, request: Request) -> dict[str, Any]:
+            body = await _chat_body(request)
             bridge = self._bridge()
             inbound = to_inbound(thread, body, request.headers.get("user-agent"))
             try:

@@ -139,26 +139,29 @@ def chat(
     cfg = load(config)
     if agent is not None and agent not in cfg.agent_configs:
         raise fail(f"unknown agent {agent!r}; defined: {', '.join(sorted(cfg.agent_configs))}")
-    terminal = TerminalAdapter(thread=thread, user=user)
+    terminal = TerminalAdapter(thread=thread, user=user, agent=agent)
 
     async def run() -> None:
         app = App(cfg, adapters=[terminal])
         await app.start()
         try:
-            if (
-                agent is not None
-                and await app.store.conversation_for_thread(terminal.thread.key) is None
-            ):
-                await app.store.open_conversation(terminal.thread, agent, {"user_name": user}, user)
-            typer.echo(
-                f"thread {terminal.thread.thread} · agent "
-                f"{agent or (await app.router.agent_for(terminal.thread)).agent}"
-            )
+            existing = await app.store.conversation_for_thread(terminal.thread.key)
+            serving = agent or (existing.agent if existing else None)
+            serving = serving or (await app.router.agent_for(terminal.thread)).agent
+            typer.echo(f"thread {terminal.thread.thread} · agent {serving}")
             await terminal.repl()
         finally:
             await app.stop(deadline_s=5)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\n(interrupted; what you sent is kept: threadbridge chat --thread "
+            f"{terminal.thread.thread} continues this conversation)",
+            err=True,
+        )
+        raise typer.Exit(130) from None
 
 
 @conversations_cli.command("search")

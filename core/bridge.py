@@ -132,6 +132,10 @@ class Bridge:
         """Raise MessageRejected when a message must not go to the agent."""
         if not text.strip():
             raise MessageRejected("The message is empty: there is nothing to send to the agent.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageRejected("The message has characters that are not valid text.") from None
         limit = self.settings.max_message_chars
         if len(text) > limit:
             raise MessageRejected(

@@ -53,6 +53,18 @@ def aware(value: datetime | None) -> datetime | None:
     return value
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """A time as UTC (naive means UTC). SQLite compares stored times as text, so a bound with
+    another offset must be converted before it is compared; the calendar's ends are clamped."""
+    stamp = aware(value)
+    if stamp is None:
+        return None
+    try:
+        return stamp.astimezone(UTC)
+    except OverflowError:  # within hours of year 1 or 9999
+        return (datetime.min if stamp.year == 1 else datetime.max).replace(tzinfo=UTC)
+
+
 @dataclass(slots=True)
 class Claim:
     """A work item this process holds until it finishes or its lease lapses."""
@@ -553,9 +565,9 @@ class Store:
             if value is not None:
                 conditions.append(column == value)
         if f.since is not None:
-            conditions.append(conversations.c.created >= f.since)
+            conditions.append(conversations.c.created >= as_utc(f.since))
         if f.until is not None:
-            conditions.append(conversations.c.created < f.until)
+            conditions.append(conversations.c.created < as_utc(f.until))
         if f.text:
             pattern = (
                 "%" + f.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -18,9 +18,11 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.jsonbody import BodyInvalid, validate_json
 
 CONTROL_PREFIX = "/_emulator"
 
@@ -39,18 +41,10 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
     FastAPI's own body parsing rejects JSON without `Content-Type: application/json`, so the
     emulators read the raw bytes and raise the same `RequestValidationError` FastAPI would.
     """
-    raw = await request.body()
-    if not raw.strip():
-        missing = {"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}
-        raise RequestValidationError([missing])
     try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        # exc.json() stringifies ctx values (exceptions) that the JSON encoder cannot take.
-        errors = json.loads(exc.json(include_url=False))
-        for error in errors:
-            error["loc"] = ["body", *error["loc"]]
-        raise RequestValidationError(errors) from None
+        return validate_json(await request.body(), model)
+    except BodyInvalid as exc:
+        raise RequestValidationError(exc.errors) from None
 
 
 class Fault(BaseModel):
