@@ -1,28 +1,27 @@
 """The async store: conversations, thread links, messages, routes, inbox and outbox.
 
-SQLite (the default) gets one writer connection that opens every transaction with
-`BEGIN IMMEDIATE`, so writers queue in Python instead of failing with "database is locked",
-and a small pool of readers (WAL lets them read while the writer writes). PostgreSQL gets
-one ordinary pool. Hot paths use SQLAlchemy Core statements over the SQLModel tables.
+Every write is a small synchronous job over a connection. On SQLite (the default) one writer
+thread commits the jobs waiting at any moment in one transaction (core.sqlite), while a small
+pool of async readers reads beside it (WAL). On PostgreSQL each job runs in its own
+transaction on the async pool. Hot paths use SQLAlchemy Core over the SQLModel tables.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from core import sqlite
 from core.model import Conversation, Inbound, ThreadRef
 from core.tables import (
     ConversationRow,
@@ -44,6 +43,7 @@ inbox = InboxRow.__table__  # type: ignore[attr-defined]
 outbox = OutboxRow.__table__  # type: ignore[attr-defined]
 
 UNFINISHED = ("pending", "working")
+T = TypeVar("T")
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -139,61 +139,67 @@ class Store:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self._writer: sqlite.WriterThread | None = None
+        self._engine: AsyncEngine | None = None
         if self.is_sqlite:
             database = parsed.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            self.writer = create_async_engine(
-                url, echo=echo, pool_size=1, max_overflow=0, pool_timeout=600
-            )
-            self.reader = create_async_engine(url, echo=echo, pool_size=4, max_overflow=4)
-            _sqlite_setup(self.writer, immediate=True)
-            _sqlite_setup(self.reader, immediate=False)
+            sync_url = parsed.set(drivername="sqlite")
+            self._writer = sqlite.WriterThread(sync_url, echo=echo)
+            self._readers = sqlite.ReaderPool(sync_url, echo=echo)
         else:
-            self.writer = create_async_engine(url, echo=echo, pool_size=20, max_overflow=20)
-            self.reader = self.writer
+            self._engine = create_async_engine(url, echo=echo, pool_size=20, max_overflow=20)
 
     async def close(self) -> None:
-        await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+        if self._writer is not None:
+            await self._writer.close()
+            self._readers.close()
+        if self._engine is not None:
+            await self._engine.dispose()
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        async with self.writer.begin() as conn:
-            yield conn
+    async def write(self, job: Callable[[Connection], T]) -> T:
+        """Run `job` in a write transaction; its result once committed.
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.reader.connect() as conn:
-            yield conn
+        A job that raises leaves nothing behind, and its exception reaches this caller only.
+        """
+        if self._writer is not None:
+            return await self._writer.run(job)
+        assert self._engine is not None
+        async with self._engine.begin() as conn:
+            return await conn.run_sync(job)
+
+    async def read(self, job: Callable[[Connection], T]) -> T:
+        """Run `job` on a connection that sees everything committed so far."""
+        if self._writer is not None:
+            return await self._readers.run(job)
+        assert self._engine is not None
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(job)
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration (safe to run every start)."""
         from core.migrate import upgrade
 
-        async with self.writer.begin() as conn:
-            await conn.run_sync(upgrade)
+        await self.write(upgrade)
 
     # -- inbox -----------------------------------------------------------------------------
 
     async def add_inbound(self, inbound: Inbound) -> bool:
         """Keep a message for its turn; False when its event id was seen before."""
         now = utcnow()
+        values = {
+            "event_id": inbound.event_id,
+            "thread_key": inbound.thread.key,
+            "source": inbound.thread.source,
+            "payload": inbound.to_json(),
+            "status": "pending",
+            "attempts": 0,
+            "created": now,
+            "updated": now,
+        }
         try:
-            async with self.write() as conn:
-                await conn.execute(
-                    inbox.insert().values(
-                        event_id=inbound.event_id,
-                        thread_key=inbound.thread.key,
-                        source=inbound.thread.source,
-                        payload=inbound.to_json(),
-                        status="pending",
-                        attempts=0,
-                        created=now,
-                        updated=now,
-                    )
-                )
+            await self.write(lambda conn: conn.execute(inbox.insert().values(**values)))
         except IntegrityError:
             return False
         return True
@@ -211,54 +217,59 @@ class Store:
     ) -> list[Claim]:
         if limit <= 0 or not sources:
             return []
-        now = utcnow()
-        inner = table.alias("inner")
-        first = (
-            sa.select(sa.func.min(inner.c.id))
-            .where(inner.c.thread_key == table.c.thread_key, inner.c.status.in_(UNFINISHED))
-            .scalar_subquery()
-        )
-        claimable = sa.or_(
-            table.c.status == "pending",
-            sa.and_(table.c.status == "working", table.c.lease_until < now),
-        )
-        conditions: list[Any] = [table.c.status.in_(UNFINISHED), table.c.source.in_(list(sources))]
-        conditions += [table.c.id == first, claimable]
-        if table is outbox:
-            conditions.append(sa.or_(table.c.not_before.is_(None), table.c.not_before <= now))
         token = uuid.uuid4().hex
-        async with self.write() as conn:
+
+        def job(conn: Connection) -> list[Any]:
+            now = utcnow()
+            earlier = table.alias("earlier")
+            claimable = sa.or_(
+                table.c.status == "pending",
+                sa.and_(table.c.status == "working", table.c.lease_until < now),
+            )
+            # Only claimable rows are candidates (so the cost does not grow with the turns in
+            # flight), and only the oldest unfinished one of each thread keeps threads in order.
+            conditions: list[Any] = [claimable, table.c.source.in_(sources)]
+            conditions.append(
+                ~sa.exists().where(
+                    earlier.c.thread_key == table.c.thread_key,
+                    earlier.c.status.in_(UNFINISHED),
+                    earlier.c.id < table.c.id,
+                )
+            )
+            if table is outbox:
+                conditions.append(sa.or_(table.c.not_before.is_(None), table.c.not_before <= now))
             ids = (
-                (
-                    await conn.execute(
-                        sa.select(table.c.id).where(*conditions).order_by(table.c.id).limit(limit)
-                    )
+                conn.execute(
+                    sa.select(table.c.id).where(*conditions).order_by(table.c.id).limit(limit)
                 )
                 .scalars()
                 .all()
             )
             if not ids:
                 return []
-            result = await conn.execute(
-                table.update()
-                .where(table.c.id.in_(ids), claimable)
-                .values(
-                    status="working",
-                    claim_token=token,
-                    lease_until=now + timedelta(seconds=lease_s),
-                    attempts=table.c.attempts + 1,
-                    updated=now,
-                )
-                .returning(
-                    table.c.id,
-                    table.c.thread_key,
-                    table.c.payload,
-                    table.c.attempts,
-                    table.c.conversation_id,
-                    table.c.created,
-                )
+            return list(
+                conn.execute(
+                    table.update()
+                    .where(table.c.id.in_(ids), claimable)
+                    .values(
+                        status="working",
+                        claim_token=token,
+                        lease_until=now + timedelta(seconds=lease_s),
+                        attempts=table.c.attempts + 1,
+                        updated=now,
+                    )
+                    .returning(
+                        table.c.id,
+                        table.c.thread_key,
+                        table.c.payload,
+                        table.c.attempts,
+                        table.c.conversation_id,
+                        table.c.created,
+                    )
+                ).all()
             )
-            rows = result.all()
+
+        rows = await self.write(job)
         claims = [
             Claim(
                 r.id,
@@ -279,52 +290,55 @@ class Store:
         if not tokens:
             return
         table = inbox if table_name == "inbox" else outbox
-        async with self.write() as conn:
-            await conn.execute(
-                table.update()
-                .where(table.c.claim_token.in_(list(tokens)), table.c.status == "working")
-                .values(lease_until=utcnow() + timedelta(seconds=lease_s))
-            )
+        statement = (
+            table.update()
+            .where(table.c.claim_token.in_(list(tokens)), table.c.status == "working")
+            .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        )
+        await self.write(lambda conn: conn.execute(statement))
 
     async def release(self, table_name: str, tokens: Sequence[str]) -> None:
         """Hand back the items held under `tokens` so any worker may take them now."""
         if not tokens:
             return
         table = inbox if table_name == "inbox" else outbox
-        async with self.write() as conn:
-            await conn.execute(
-                table.update()
-                .where(table.c.claim_token.in_(list(tokens)), table.c.status == "working")
-                .values(status="pending", claim_token=None, lease_until=None)
-            )
+        statement = (
+            table.update()
+            .where(table.c.claim_token.in_(list(tokens)), table.c.status == "working")
+            .values(status="pending", claim_token=None, lease_until=None)
+        )
+        await self.write(lambda conn: conn.execute(statement))
 
     async def release_stale(self, sources: Sequence[str]) -> int:
         """Hand back every claim on `sources` at start (one host owns a SQLite file)."""
-        count = 0
-        async with self.write() as conn:
+
+        def job(conn: Connection) -> int:
+            count = 0
             for table in (inbox, outbox):
-                result = await conn.execute(
+                result = conn.execute(
                     table.update()
                     .where(table.c.status == "working", table.c.source.in_(list(sources)))
                     .values(status="pending", claim_token=None, lease_until=None)
                 )
                 count += result.rowcount
-        return count
+            return count
+
+        return await self.write(job)
 
     async def retry_outbox_later(self, claim: Claim, delay_s: float, error: str) -> None:
-        async with self.write() as conn:
-            await conn.execute(
-                outbox.update()
-                .where(outbox.c.id == claim.id, outbox.c.claim_token == claim.token)
-                .values(
-                    status="pending",
-                    claim_token=None,
-                    lease_until=None,
-                    not_before=utcnow() + timedelta(seconds=delay_s),
-                    error=error[:2000],
-                    updated=utcnow(),
-                )
+        statement = (
+            outbox.update()
+            .where(outbox.c.id == claim.id, outbox.c.claim_token == claim.token)
+            .values(
+                status="pending",
+                claim_token=None,
+                lease_until=None,
+                not_before=utcnow() + timedelta(seconds=delay_s),
+                error=error[:2000],
+                updated=utcnow(),
             )
+        )
+        await self.write(lambda conn: conn.execute(statement))
 
     async def finish_outbox(
         self,
@@ -334,44 +348,24 @@ class Store:
         platform_ids: list[str] | None = None,
         error: str | None = None,
     ) -> None:
-        async with self.write() as conn:
-            await conn.execute(
-                outbox.update()
-                .where(outbox.c.id == claim.id, outbox.c.claim_token == claim.token)
-                .values(
-                    status="sent" if sent else "failed",
-                    platform_ids=platform_ids,
-                    error=error[:2000] if error else None,
-                    lease_until=None,
-                    updated=utcnow(),
-                )
+        statement = (
+            outbox.update()
+            .where(outbox.c.id == claim.id, outbox.c.claim_token == claim.token)
+            .values(
+                status="sent" if sent else "failed",
+                platform_ids=platform_ids,
+                error=error[:2000] if error else None,
+                lease_until=None,
+                updated=utcnow(),
             )
+        )
+        await self.write(lambda conn: conn.execute(statement))
 
     async def queue_reply(
-        self,
-        thread: ThreadRef,
-        payload: dict[str, Any],
-        conversation_id: str | None = None,
-        message_id: int | None = None,
-        conn: AsyncConnection | None = None,
+        self, thread: ThreadRef, payload: dict[str, Any], conversation_id: str | None = None
     ) -> None:
-        """Put a reply in the outbox (inside `conn`'s transaction when given)."""
-        values = {
-            "thread_key": thread.key,
-            "source": thread.source,
-            "conversation_id": conversation_id,
-            "message_id": message_id,
-            "payload": payload,
-            "status": "pending",
-            "attempts": 0,
-            "created": utcnow(),
-            "updated": utcnow(),
-        }
-        if conn is not None:
-            await conn.execute(outbox.insert().values(**values))
-            return
-        async with self.write() as own:
-            await own.execute(outbox.insert().values(**values))
+        """Put a reply in the outbox."""
+        await self.write(lambda conn: _queue_reply(conn, thread, payload, conversation_id, None))
 
     # -- conversations ---------------------------------------------------------------------
 
@@ -382,8 +376,7 @@ class Store:
             .join(links, links.c.conversation_id == conversations.c.id)
             .where(links.c.thread_key == thread_key)
         )
-        async with self.read() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self.read(lambda conn: conn.execute(query).first())
         return row_to_conversation(row) if row else None
 
     async def open_conversation(
@@ -391,37 +384,47 @@ class Store:
     ) -> Conversation:
         """Create a conversation and link the thread to it (or return the one linked already)."""
         now = utcnow()
-        conversation_id = str(uuid.uuid4())
+        created = Conversation(
+            id=str(uuid.uuid4()),
+            thread_key=thread.key,
+            source=thread.source,
+            agent=agent,
+            data=data,
+            status="open",
+            created=now,
+            updated=now,
+        )
+
+        def job(conn: Connection) -> None:
+            conn.execute(
+                conversations.insert().values(
+                    id=created.id,
+                    thread_key=thread.key,
+                    source=thread.source,
+                    workspace=thread.workspace,
+                    channel=thread.channel,
+                    user_id=user_id,
+                    agent=agent,
+                    data=data,
+                    status="open",
+                    created=now,
+                    updated=now,
+                )
+            )
+            conn.execute(
+                links.insert().values(
+                    thread_key=thread.key, conversation_id=created.id, created=now
+                )
+            )
+
         try:
-            async with self.write() as conn:
-                await conn.execute(
-                    conversations.insert().values(
-                        id=conversation_id,
-                        thread_key=thread.key,
-                        source=thread.source,
-                        workspace=thread.workspace,
-                        channel=thread.channel,
-                        user_id=user_id,
-                        agent=agent,
-                        data=data,
-                        status="open",
-                        created=now,
-                        updated=now,
-                    )
-                )
-                await conn.execute(
-                    links.insert().values(
-                        thread_key=thread.key, conversation_id=conversation_id, created=now
-                    )
-                )
+            await self.write(job)
         except IntegrityError:
             existing = await self.conversation_for_thread(thread.key)
             if existing is None:
                 raise
             return existing
-        found = await self.get_conversation(conversation_id)
-        assert found is not None
-        return found
+        return created
 
     async def set_remote(
         self,
@@ -435,36 +438,33 @@ class Store:
             values["remote_id"] = remote_id
         if state is not None:
             values["state"] = state
-        async with self.write() as conn:
-            await conn.execute(
-                conversations.update().where(conversations.c.id == conversation_id).values(**values)
-            )
+        statement = (
+            conversations.update().where(conversations.c.id == conversation_id).values(**values)
+        )
+        await self.write(lambda conn: conn.execute(statement))
 
     async def end_thread(self, thread_key: str) -> str | None:
         """Unlink the thread (`/new`); its next message opens a new conversation."""
-        async with self.write() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(links.c.conversation_id).where(links.c.thread_key == thread_key)
-                )
+
+        def job(conn: Connection) -> str | None:
+            row = conn.execute(
+                sa.select(links.c.conversation_id).where(links.c.thread_key == thread_key)
             ).first()
             if row is None:
                 return None
-            await conn.execute(links.delete().where(links.c.thread_key == thread_key))
-            await conn.execute(
+            conn.execute(links.delete().where(links.c.thread_key == thread_key))
+            conn.execute(
                 conversations.update()
                 .where(conversations.c.id == row.conversation_id)
                 .values(status="closed", updated=utcnow())
             )
-        return str(row.conversation_id)
+            return str(row.conversation_id)
+
+        return await self.write(job)
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        async with self.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(conversations).where(conversations.c.id == conversation_id)
-                )
-            ).first()
+        query = sa.select(conversations).where(conversations.c.id == conversation_id)
+        row = await self.read(lambda conn: conn.execute(query).first())
         return row_to_conversation(row) if row else None
 
     async def finish_turn(
@@ -478,10 +478,11 @@ class Store:
         state: dict[str, Any] | None = None,
     ) -> None:
         """Store a turn's messages, queue its replies and close its inbox item, atomically."""
-        now = utcnow()
         thread = ThreadRef.parse(conversation.thread_key)
-        async with self.write() as conn:
-            done = await conn.execute(
+
+        def job(conn: Connection) -> None:
+            now = utcnow()
+            done = conn.execute(
                 inbox.update()
                 .where(
                     inbox.c.id == claim.id,
@@ -499,7 +500,7 @@ class Store:
             if done.rowcount != 1:
                 raise ClaimLost(f"inbox item {claim.id} was taken by another worker")
             for message in new:
-                result = await conn.execute(
+                result = conn.execute(
                     messages.insert().values(
                         conversation_id=conversation.id,
                         role=message.role,
@@ -520,26 +521,27 @@ class Store:
                         "kind": message.kind,
                         "reply_to": claim.payload.get("event_id"),
                     }
-                    await self.queue_reply(thread, payload, conversation.id, _new_id(result), conn)
+                    _queue_reply(conn, thread, payload, conversation.id, _new_id(result))
             values: dict[str, Any] = {"updated": now, "status": "failed" if failed else "open"}
             if remote_id is not None:
                 values["remote_id"] = remote_id
             if state is not None:
                 values["state"] = state
-            await conn.execute(
+            conn.execute(
                 conversations.update().where(conversations.c.id == conversation.id).values(**values)
             )
+
+        await self.write(job)
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[Any]:
         """The conversation's stored messages, oldest first (the newest `limit` of them)."""
         query = sa.select(messages).where(messages.c.conversation_id == conversation_id)
         if limit is not None:
-            query = query.order_by(messages.c.id.desc()).limit(limit)
-            async with self.read() as conn:
-                rows = list((await conn.execute(query)).all())
+            newest = query.order_by(messages.c.id.desc()).limit(limit)
+            rows = await self.read(lambda conn: list(conn.execute(newest).all()))
             return rows[::-1]
-        async with self.read() as conn:
-            return list((await conn.execute(query.order_by(messages.c.id))).all())
+        oldest = query.order_by(messages.c.id)
+        return await self.read(lambda conn: list(conn.execute(oldest).all()))
 
     async def pending_for_thread(self, thread_key: str) -> list[Any]:
         """Messages accepted for the thread whose turn has not finished yet."""
@@ -548,8 +550,7 @@ class Store:
             .where(inbox.c.thread_key == thread_key, inbox.c.status.in_(UNFINISHED))
             .order_by(inbox.c.id)
         )
-        async with self.read() as conn:
-            return list((await conn.execute(query)).all())
+        return await self.read(lambda conn: list(conn.execute(query).all()))
 
     async def search(self, f: SearchFilters) -> tuple[list[Conversation], int]:
         """Conversations matching every filter given, a page of them and the total."""
@@ -580,28 +581,33 @@ class Store:
             )
         order = conversations.c.created.desc() if f.reversed else conversations.c.created.asc()
         tie = conversations.c.id.desc() if f.reversed else conversations.c.id.asc()
-        query = sa.select(conversations).where(*conditions).order_by(order, tie)
-        async with self.read() as conn:
-            total = (
-                await conn.execute(
-                    sa.select(sa.func.count()).select_from(conversations).where(*conditions)
-                )
-            ).scalar_one()
-            rows = (await conn.execute(query.limit(f.limit).offset(f.offset))).all()
-        return [row_to_conversation(r) for r in rows], int(total)
+        page = (
+            sa.select(conversations)
+            .where(*conditions)
+            .order_by(order, tie)
+            .limit(f.limit)
+            .offset(f.offset)
+        )
+        count = sa.select(sa.func.count()).select_from(conversations).where(*conditions)
+
+        def job(conn: Connection) -> tuple[list[Any], int]:
+            return list(conn.execute(page).all()), int(conn.execute(count).scalar_one())
+
+        rows, total = await self.read(job)
+        return [row_to_conversation(r) for r in rows], total
 
     async def turns_failed(self, conversation_id: str) -> list[Any]:
         query = sa.select(inbox.c.event_id, inbox.c.error, inbox.c.updated).where(
             inbox.c.conversation_id == conversation_id, inbox.c.status == "failed"
         )
-        async with self.read() as conn:
-            return list((await conn.execute(query.order_by(inbox.c.id))).all())
+        ordered = query.order_by(inbox.c.id)
+        return await self.read(lambda conn: list(conn.execute(ordered).all()))
 
     # -- routes ----------------------------------------------------------------------------
 
     async def list_routes(self) -> list[Any]:
-        async with self.read() as conn:
-            return list((await conn.execute(sa.select(routes).order_by(routes.c.id))).all())
+        query = sa.select(routes).order_by(routes.c.id)
+        return await self.read(lambda conn: list(conn.execute(query).all()))
 
     async def set_route(
         self,
@@ -613,19 +619,20 @@ class Store:
         situation: str | None = None,
         set_by: str | None = None,
     ) -> None:
-        now = utcnow()
-        async with self.write() as conn:
-            updated = await conn.execute(
+        def job(conn: Connection) -> None:
+            now = utcnow()
+            scope = (
+                routes.c.source == source,
+                routes.c.workspace == workspace,
+                routes.c.channel == channel,
+            )
+            updated = conn.execute(
                 routes.update()
-                .where(
-                    routes.c.source == source,
-                    routes.c.workspace == workspace,
-                    routes.c.channel == channel,
-                )
+                .where(*scope)
                 .values(agent=agent, situation=situation, set_by=set_by, updated=now)
             )
             if updated.rowcount == 0:
-                await conn.execute(
+                conn.execute(
                     routes.insert().values(
                         source=source,
                         workspace=workspace,
@@ -638,26 +645,27 @@ class Store:
                     )
                 )
 
+        await self.write(job)
+
     async def delete_route(self, source: str, workspace: str, channel: str) -> bool:
-        async with self.write() as conn:
-            result = await conn.execute(
-                routes.delete().where(
-                    routes.c.source == source,
-                    routes.c.workspace == workspace,
-                    routes.c.channel == channel,
-                )
-            )
+        statement = routes.delete().where(
+            routes.c.source == source, routes.c.workspace == workspace, routes.c.channel == channel
+        )
+        result = await self.write(lambda conn: conn.execute(statement))
         return bool(result.rowcount)
 
     async def counts(self) -> dict[str, int]:
         """Queue depths for health pages and tests."""
-        out: dict[str, int] = {}
-        async with self.read() as conn:
+
+        def job(conn: Connection) -> dict[str, int]:
+            out: dict[str, int] = {}
             for name, table in (("inbox", inbox), ("outbox", outbox)):
                 query = sa.select(table.c.status, sa.func.count()).group_by(table.c.status)
-                for status, count in (await conn.execute(query)).all():
+                for status, count in conn.execute(query).all():
                     out[f"{name}_{status}"] = int(count)
-        return out
+            return out
+
+        return await self.read(job)
 
 
 def _new_id(result: Any) -> int:
@@ -666,20 +674,24 @@ def _new_id(result: Any) -> int:
     return int(key[0])
 
 
-def _sqlite_setup(engine: AsyncEngine, *, immediate: bool) -> None:
-    """WAL, a busy timeout, and our own BEGIN (IMMEDIATE for the writer)."""
-    begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+def _queue_reply(
+    conn: Connection,
+    thread: ThreadRef,
+    payload: dict[str, Any],
+    conversation_id: str | None,
+    message_id: int | None,
+) -> None:
+    now = utcnow()
+    conn.execute(
+        outbox.insert().values(
+            thread_key=thread.key,
+            source=thread.source,
+            conversation_id=conversation_id,
+            message_id=message_id,
+            payload=payload,
+            status="pending",
+            attempts=0,
+            created=now,
+            updated=now,
+        )
+    )

@@ -17,7 +17,6 @@ async def test_migrations_match_the_models(store_url: str) -> None:
     def diff(sync_conn: object) -> list[object]:
         return list(compare_metadata(MigrationContext.configure(sync_conn), metadata))
 
-    async with store.writer.connect() as conn:
-        differences = await conn.run_sync(diff)
+    differences = await store.read(diff)
     await store.close()
     assert differences == []
