@@ -169,15 +169,12 @@ class WebAdapter:
 
     async def transcript(self, thread: str) -> list[dict[str, Any]]:
         """What the person sees: their messages, the agent's answers and notices, in order."""
-        store = self._bridge().store
-        key = thread_ref(thread).key
+        stored, pending = await self._bridge().store.thread_view(thread_ref(thread).key)
         out: list[dict[str, Any]] = []
-        conversation = await store.conversation_for_thread(key)
-        if conversation is not None:
-            for row in await store.history(conversation.id):
-                if row.role in ("user", "agent", "system") and row.kind != "hidden":
-                    out.append(_message(row.role, row.content, row.created, "done", row.kind))
-        for row in await store.pending_for_thread(key):
+        for row in stored:
+            if row.role in ("user", "agent", "system") and row.kind != "hidden":
+                out.append(_message(row.role, row.content, row.created, "done", row.kind))
+        for row in pending:
             out.append(_message("user", row.payload.get("text", ""), row.created, row.status))
         return out
 

@@ -21,28 +21,14 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from core import sqlite
+from core import sql, sqlite
 from core.model import Conversation, Inbound, ThreadRef
-from core.tables import (
-    ConversationRow,
-    InboxRow,
-    MessageRow,
-    OutboxRow,
-    RouteRow,
-    ThreadLinkRow,
-    utcnow,
-)
+from core.sql import UNFINISHED, conversations, inbox, links, messages, outbox, routes
+from core.tables import utcnow
 
 log = logging.getLogger(__name__)
 
-conversations = ConversationRow.__table__  # type: ignore[attr-defined]
-links = ThreadLinkRow.__table__  # type: ignore[attr-defined]
-messages = MessageRow.__table__  # type: ignore[attr-defined]
-routes = RouteRow.__table__  # type: ignore[attr-defined]
-inbox = InboxRow.__table__  # type: ignore[attr-defined]
-outbox = OutboxRow.__table__  # type: ignore[attr-defined]
 
-UNFINISHED = ("pending", "working")
 T = TypeVar("T")
 
 
@@ -169,12 +155,18 @@ class Store:
         async with self._engine.begin() as conn:
             return await conn.run_sync(job)
 
-    async def read(self, job: Callable[[Connection], T]) -> T:
-        """Run `job` on a connection that sees everything committed so far."""
+    async def read(self, job: Callable[[Connection], T], *, snapshot: bool = False) -> T:
+        """Run `job` on a connection that sees everything committed so far.
+
+        With `snapshot`, every statement of the job sees the same moment (SQLite's read
+        transactions always do; PostgreSQL needs REPEATABLE READ for it).
+        """
         if self._writer is not None:
             return await self._readers.run(job)
         assert self._engine is not None
         async with self._engine.connect() as conn:
+            if snapshot:
+                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
             return await conn.run_sync(job)
 
     async def migrate(self) -> None:
@@ -199,75 +191,37 @@ class Store:
             "updated": now,
         }
         try:
-            await self.write(lambda conn: conn.execute(inbox.insert().values(**values)))
+            await self.write(lambda conn: conn.execute(sql.insert_inbox, values))
         except IntegrityError:
             return False
         return True
 
     async def claim_inbox(self, sources: Sequence[str], limit: int, lease_s: float) -> list[Claim]:
         """Take up to `limit` items: the oldest unfinished one of each thread no one holds."""
-        return await self._claim(inbox, sources, limit, lease_s)
+        return await self._claim("inbox", sources, limit, lease_s)
 
     async def claim_outbox(self, sources: Sequence[str], limit: int, lease_s: float) -> list[Claim]:
         """Take up to `limit` replies to post: the oldest unsent one of each thread."""
-        return await self._claim(outbox, sources, limit, lease_s)
+        return await self._claim("outbox", sources, limit, lease_s)
 
     async def _claim(
-        self, table: sa.Table, sources: Sequence[str], limit: int, lease_s: float
+        self, name: str, sources: Sequence[str], limit: int, lease_s: float
     ) -> list[Claim]:
         if limit <= 0 or not sources:
             return []
         token = uuid.uuid4().hex
+        find, take = sql.CLAIM[name]
 
         def job(conn: Connection) -> list[Any]:
             now = utcnow()
-            earlier = table.alias("earlier")
-            claimable = sa.or_(
-                table.c.status == "pending",
-                sa.and_(table.c.status == "working", table.c.lease_until < now),
-            )
-            # Only claimable rows are candidates (so the cost does not grow with the turns in
-            # flight), and only the oldest unfinished one of each thread keeps threads in order.
-            conditions: list[Any] = [claimable, table.c.source.in_(sources)]
-            conditions.append(
-                ~sa.exists().where(
-                    earlier.c.thread_key == table.c.thread_key,
-                    earlier.c.status.in_(UNFINISHED),
-                    earlier.c.id < table.c.id,
-                )
-            )
-            if table is outbox:
-                conditions.append(sa.or_(table.c.not_before.is_(None), table.c.not_before <= now))
-            ids = (
-                conn.execute(
-                    sa.select(table.c.id).where(*conditions).order_by(table.c.id).limit(limit)
-                )
-                .scalars()
-                .all()
-            )
+            params = {"b_now": now, "b_sources": list(sources), "b_limit": limit}
+            ids = conn.execute(find, params).scalars().all()
             if not ids:
                 return []
-            return list(
-                conn.execute(
-                    table.update()
-                    .where(table.c.id.in_(ids), claimable)
-                    .values(
-                        status="working",
-                        claim_token=token,
-                        lease_until=now + timedelta(seconds=lease_s),
-                        attempts=table.c.attempts + 1,
-                        updated=now,
-                    )
-                    .returning(
-                        table.c.id,
-                        table.c.thread_key,
-                        table.c.payload,
-                        table.c.attempts,
-                        table.c.conversation_id,
-                        table.c.created,
-                    )
-                ).all()
+            params.update(
+                b_ids=list(ids), b_token=token, b_lease_until=now + timedelta(seconds=lease_s)
             )
+            return list(conn.execute(take, params).all())
 
         rows = await self.write(job)
         claims = [
@@ -348,18 +302,15 @@ class Store:
         platform_ids: list[str] | None = None,
         error: str | None = None,
     ) -> None:
-        statement = (
-            outbox.update()
-            .where(outbox.c.id == claim.id, outbox.c.claim_token == claim.token)
-            .values(
-                status="sent" if sent else "failed",
-                platform_ids=platform_ids,
-                error=error[:2000] if error else None,
-                lease_until=None,
-                updated=utcnow(),
-            )
-        )
-        await self.write(lambda conn: conn.execute(statement))
+        params = {
+            "b_id": claim.id,
+            "b_token": claim.token,
+            "b_status": "sent" if sent else "failed",
+            "b_platform_ids": platform_ids,
+            "b_error": error[:2000] if error else None,
+            "b_now": utcnow(),
+        }
+        await self.write(lambda conn: conn.execute(sql.finish_post, params))
 
     async def queue_reply(
         self, thread: ThreadRef, payload: dict[str, Any], conversation_id: str | None = None
@@ -371,12 +322,8 @@ class Store:
 
     async def conversation_for_thread(self, thread_key: str) -> Conversation | None:
         """The conversation the thread continues now, if any."""
-        query = (
-            sa.select(conversations)
-            .join(links, links.c.conversation_id == conversations.c.id)
-            .where(links.c.thread_key == thread_key)
-        )
-        row = await self.read(lambda conn: conn.execute(query).first())
+        params = {"thread_key": thread_key}
+        row = await self.read(lambda conn: conn.execute(sql.conversation_by_thread, params).first())
         return row_to_conversation(row) if row else None
 
     async def open_conversation(
@@ -395,27 +342,24 @@ class Store:
             updated=now,
         )
 
+        row = {
+            "id": created.id,
+            "thread_key": thread.key,
+            "source": thread.source,
+            "workspace": thread.workspace,
+            "channel": thread.channel,
+            "user_id": user_id,
+            "agent": agent,
+            "data": data,
+            "status": "open",
+            "created": now,
+            "updated": now,
+        }
+        link = {"thread_key": thread.key, "conversation_id": created.id, "created": now}
+
         def job(conn: Connection) -> None:
-            conn.execute(
-                conversations.insert().values(
-                    id=created.id,
-                    thread_key=thread.key,
-                    source=thread.source,
-                    workspace=thread.workspace,
-                    channel=thread.channel,
-                    user_id=user_id,
-                    agent=agent,
-                    data=data,
-                    status="open",
-                    created=now,
-                    updated=now,
-                )
-            )
-            conn.execute(
-                links.insert().values(
-                    thread_key=thread.key, conversation_id=created.id, created=now
-                )
-            )
+            conn.execute(sql.insert_conversation, row)
+            conn.execute(sql.insert_link, link)
 
         try:
             await self.write(job)
@@ -463,8 +407,8 @@ class Store:
         return await self.write(job)
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        query = sa.select(conversations).where(conversations.c.id == conversation_id)
-        row = await self.read(lambda conn: conn.execute(query).first())
+        params = {"id": conversation_id}
+        row = await self.read(lambda conn: conn.execute(sql.conversation_by_id, params).first())
         return row_to_conversation(row) if row else None
 
     async def finish_turn(
@@ -483,37 +427,34 @@ class Store:
         def job(conn: Connection) -> None:
             now = utcnow()
             done = conn.execute(
-                inbox.update()
-                .where(
-                    inbox.c.id == claim.id,
-                    inbox.c.claim_token == claim.token,
-                    inbox.c.status == "working",
-                )
-                .values(
-                    status="failed" if failed else "done",
-                    conversation_id=conversation.id,
-                    error=failed[:2000] if failed else None,
-                    lease_until=None,
-                    updated=now,
-                )
+                sql.finish_inbox,
+                {
+                    "b_id": claim.id,
+                    "b_token": claim.token,
+                    "b_status": "failed" if failed else "done",
+                    "b_conversation_id": conversation.id,
+                    "b_error": failed[:2000] if failed else None,
+                    "b_now": now,
+                },
             )
             if done.rowcount != 1:
                 raise ClaimLost(f"inbox item {claim.id} was taken by another worker")
             for message in new:
                 result = conn.execute(
-                    messages.insert().values(
-                        conversation_id=conversation.id,
-                        role=message.role,
-                        kind=message.kind,
-                        content=message.content,
-                        name=message.name,
-                        author_id=message.author_id,
-                        author_name=message.author_name,
-                        event_id=message.event_id,
-                        tool_calls=message.tool_calls,
-                        tool_call_id=message.tool_call_id,
-                        created=message.created or now,
-                    )
+                    sql.insert_message,
+                    {
+                        "conversation_id": conversation.id,
+                        "role": message.role,
+                        "kind": message.kind,
+                        "content": message.content,
+                        "name": message.name,
+                        "author_id": message.author_id,
+                        "author_name": message.author_name,
+                        "event_id": message.event_id,
+                        "tool_calls": message.tool_calls,
+                        "tool_call_id": message.tool_call_id,
+                        "created": message.created or now,
+                    },
                 )
                 if message.post:
                     payload = {
@@ -522,35 +463,45 @@ class Store:
                         "reply_to": claim.payload.get("event_id"),
                     }
                     _queue_reply(conn, thread, payload, conversation.id, _new_id(result))
-            values: dict[str, Any] = {"updated": now, "status": "failed" if failed else "open"}
-            if remote_id is not None:
-                values["remote_id"] = remote_id
-            if state is not None:
-                values["state"] = state
             conn.execute(
-                conversations.update().where(conversations.c.id == conversation.id).values(**values)
+                sql.finish_conversation,
+                {
+                    "b_id": conversation.id,
+                    "b_status": "failed" if failed else "open",
+                    "b_remote_id": remote_id,
+                    "b_state": state,
+                    "b_now": now,
+                },
             )
 
         await self.write(job)
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[Any]:
         """The conversation's stored messages, oldest first (the newest `limit` of them)."""
-        query = sa.select(messages).where(messages.c.conversation_id == conversation_id)
         if limit is not None:
-            newest = query.order_by(messages.c.id.desc()).limit(limit)
-            rows = await self.read(lambda conn: list(conn.execute(newest).all()))
+            params: dict[str, Any] = {"conversation_id": conversation_id, "limit": limit}
+            rows = await self.read(lambda conn: list(conn.execute(sql.newest_messages, params)))
             return rows[::-1]
-        oldest = query.order_by(messages.c.id)
-        return await self.read(lambda conn: list(conn.execute(oldest).all()))
+        params = {"conversation_id": conversation_id}
+        return await self.read(lambda conn: list(conn.execute(sql.all_messages, params)))
 
-    async def pending_for_thread(self, thread_key: str) -> list[Any]:
-        """Messages accepted for the thread whose turn has not finished yet."""
-        query = (
+    async def thread_view(self, thread_key: str) -> tuple[list[Any], list[Any]]:
+        """A thread as its person sees it, at one moment: the linked conversation's stored
+        messages, and the messages accepted whose turn has not finished yet."""
+        pending = (
             sa.select(inbox.c.payload, inbox.c.created, inbox.c.status)
             .where(inbox.c.thread_key == thread_key, inbox.c.status.in_(UNFINISHED))
             .order_by(inbox.c.id)
         )
-        return await self.read(lambda conn: list(conn.execute(query).all()))
+
+        def job(conn: Connection) -> tuple[list[Any], list[Any]]:
+            linked = conn.execute(sql.conversation_by_thread, {"thread_key": thread_key}).first()
+            stored = []
+            if linked is not None:
+                stored = list(conn.execute(sql.all_messages, {"conversation_id": linked.id}))
+            return stored, list(conn.execute(pending))
+
+        return await self.read(job, snapshot=True)
 
     async def search(self, f: SearchFilters) -> tuple[list[Conversation], int]:
         """Conversations matching every filter given, a page of them and the total."""
@@ -593,7 +544,7 @@ class Store:
         def job(conn: Connection) -> tuple[list[Any], int]:
             return list(conn.execute(page).all()), int(conn.execute(count).scalar_one())
 
-        rows, total = await self.read(job)
+        rows, total = await self.read(job, snapshot=True)
         return [row_to_conversation(r) for r in rows], total
 
     async def turns_failed(self, conversation_id: str) -> list[Any]:
@@ -683,15 +634,16 @@ def _queue_reply(
 ) -> None:
     now = utcnow()
     conn.execute(
-        outbox.insert().values(
-            thread_key=thread.key,
-            source=thread.source,
-            conversation_id=conversation_id,
-            message_id=message_id,
-            payload=payload,
-            status="pending",
-            attempts=0,
-            created=now,
-            updated=now,
-        )
+        sql.insert_outbox,
+        {
+            "thread_key": thread.key,
+            "source": thread.source,
+            "conversation_id": conversation_id,
+            "message_id": message_id,
+            "payload": payload,
+            "status": "pending",
+            "attempts": 0,
+            "created": now,
+            "updated": now,
+        },
     )

@@ -73,6 +73,9 @@ def make_config(store: Path | str, **extra: Any) -> Config:
     return parse_config(raw, "test.toml")
 
 
+RUNNING: list[Bridge] = []  # stopped by the autouse fixture if a failing test leaves one
+
+
 async def start_bridge(config: Config, channel: RecordingChannel) -> Bridge:
     store = Store(config.store.url)
     await store.migrate()
@@ -80,10 +83,13 @@ async def start_bridge(config: Config, channel: RecordingChannel) -> Bridge:
     bridge = Bridge(config, store, Router(config, store), services)
     bridge.add_adapter(channel)
     await bridge.start()
+    RUNNING.append(bridge)
     return bridge
 
 
 async def stop_bridge(bridge: Bridge, deadline_s: float = 5.0) -> None:
+    if bridge in RUNNING:
+        RUNNING.remove(bridge)
     await bridge.stop(deadline_s)
     for service in bridge.services.values():
         await service.aclose()

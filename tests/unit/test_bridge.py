@@ -142,3 +142,23 @@ async def _sent(bridge: object) -> dict[str, int] | None:
 async def _failed(bridge: object) -> dict[str, int] | None:
     counts = await bridge.store.counts()  # type: ignore[attr-defined]
     return counts if counts.get("outbox_failed") == 1 else None
+
+
+async def test_a_thread_never_loses_sight_of_a_message_while_its_turn_finishes(
+    store_url: str,
+) -> None:
+    # A message moves from the inbox to the conversation when its turn commits; every read
+    # of the thread must show it in exactly one of the two. Twenty turns commit in one thread
+    # while it is read again and again, so a read split across a commit would be seen.
+    channel = RecordingChannel()
+    bridge = await start_bridge(make_config(store_url), channel)
+    sent = [f"message {n}" for n in range(20)]
+    for text in sent:
+        await bridge.submit(inbound("busy", text))
+    answers = 0
+    while answers < len(sent):
+        stored, pending = await bridge.store.thread_view("web:-/-/busy")
+        users = [r.content for r in stored if r.role == "user"]
+        assert users + [r.payload["text"] for r in pending] == sent
+        answers = sum(r.role == "agent" for r in stored)
+    await stop_bridge(bridge)

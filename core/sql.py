@@ -1,0 +1,142 @@
+"""The statements on the hot path, built once with bind parameters.
+
+Building a SQLAlchemy statement and its cache key costs more than SQLite takes to run it;
+these are built at import and executed with parameters, so a turn pays only for execution.
+Parameters are named `b_*` where a column of the same name is also being set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import bindparam
+
+from core.tables import (
+    ConversationRow,
+    InboxRow,
+    MessageRow,
+    OutboxRow,
+    RouteRow,
+    ThreadLinkRow,
+)
+
+conversations: sa.Table = ConversationRow.__table__  # type: ignore[attr-defined]
+links: sa.Table = ThreadLinkRow.__table__  # type: ignore[attr-defined]
+messages: sa.Table = MessageRow.__table__  # type: ignore[attr-defined]
+routes: sa.Table = RouteRow.__table__  # type: ignore[attr-defined]
+inbox: sa.Table = InboxRow.__table__  # type: ignore[attr-defined]
+outbox: sa.Table = OutboxRow.__table__  # type: ignore[attr-defined]
+
+UNFINISHED = ("pending", "working")
+
+insert_inbox = inbox.insert()
+insert_outbox = outbox.insert()
+insert_message = messages.insert()
+insert_conversation = conversations.insert()
+insert_link = links.insert()
+
+conversation_by_thread = (
+    sa.select(conversations)
+    .join(links, links.c.conversation_id == conversations.c.id)
+    .where(links.c.thread_key == bindparam("thread_key"))
+)
+conversation_by_id = sa.select(conversations).where(conversations.c.id == bindparam("id"))
+newest_messages = (
+    sa.select(messages)
+    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .order_by(messages.c.id.desc())
+    .limit(bindparam("limit"))
+)
+all_messages = (
+    sa.select(messages)
+    .where(messages.c.conversation_id == bindparam("conversation_id"))
+    .order_by(messages.c.id)
+)
+
+finish_inbox = (
+    inbox.update()
+    .where(
+        inbox.c.id == bindparam("b_id"),
+        inbox.c.claim_token == bindparam("b_token"),
+        inbox.c.status == "working",
+    )
+    .values(
+        status=bindparam("b_status"),
+        conversation_id=bindparam("b_conversation_id"),
+        error=bindparam("b_error"),
+        lease_until=None,
+        updated=bindparam("b_now"),
+    )
+)
+finish_conversation = (
+    conversations.update()
+    .where(conversations.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        remote_id=sa.func.coalesce(bindparam("b_remote_id"), conversations.c.remote_id),
+        state=sa.func.coalesce(
+            bindparam("b_state", type_=conversations.c.state.type), conversations.c.state
+        ),
+        updated=bindparam("b_now"),
+    )
+)
+finish_post = (
+    outbox.update()
+    .where(outbox.c.id == bindparam("b_id"), outbox.c.claim_token == bindparam("b_token"))
+    .values(
+        status=bindparam("b_status"),
+        platform_ids=bindparam("b_platform_ids"),
+        error=bindparam("b_error"),
+        lease_until=None,
+        updated=bindparam("b_now"),
+    )
+)
+
+
+def _claim_statements(table: sa.Table) -> tuple[Any, Any]:
+    """Find, then take, the claimable items: the oldest unfinished one of each thread.
+
+    Only claimable rows are candidates, so the cost does not grow with the turns in flight.
+    """
+    now: Any = bindparam("b_now")
+    earlier = table.alias("earlier")
+    claimable = sa.or_(
+        table.c.status == "pending",
+        sa.and_(table.c.status == "working", table.c.lease_until < now),
+    )
+    conditions: list[Any] = [
+        claimable,
+        table.c.source.in_(bindparam("b_sources", expanding=True)),
+        ~sa.exists().where(
+            earlier.c.thread_key == table.c.thread_key,
+            earlier.c.status.in_(UNFINISHED),
+            earlier.c.id < table.c.id,
+        ),
+    ]
+    if table is outbox:
+        conditions.append(sa.or_(table.c.not_before.is_(None), table.c.not_before <= now))
+    find = sa.select(table.c.id).where(*conditions).order_by(table.c.id).limit(bindparam("b_limit"))
+    take = (
+        table.update()
+        .where(table.c.id.in_(bindparam("b_ids", expanding=True)), claimable)
+        .values(
+            status="working",
+            claim_token=bindparam("b_token"),
+            lease_until=bindparam("b_lease_until"),
+            attempts=table.c.attempts + 1,
+            updated=now,
+        )
+        .returning(
+            table.c.id,
+            table.c.thread_key,
+            table.c.payload,
+            table.c.attempts,
+            table.c.conversation_id,
+            table.c.created,
+        )
+    )
+    return find, take
+
+
+CLAIM = {"inbox": _claim_statements(inbox), "outbox": _claim_statements(outbox)}
