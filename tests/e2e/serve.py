@@ -37,14 +37,14 @@ class ServeProcess:
 
     def start(self, timeout: float = 30.0) -> str:
         self.starts += 1
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [THREADBRIDGE, "serve", "--config", str(self.config), "--port", "0"],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("wb") as log:  # the child keeps its own copy of the handle
+            self.proc = subprocess.Popen(
+                [THREADBRIDGE, "serve", "--config", str(self.config), "--port", "0"],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = LISTENING.search(self.log_path.read_text(encoding="utf-8", errors="replace"))

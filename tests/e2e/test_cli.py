@@ -263,7 +263,8 @@ def test_emulate_engage_serves_and_stops_on_sigterm(env: dict[str, str], tmp_pat
         for line in proc.stderr:
             lines.put(line)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
     try:
         url = None
         deadline = time.monotonic() + 20
@@ -298,3 +299,6 @@ def test_emulate_engage_serves_and_stops_on_sigterm(env: dict[str, str], tmp_pat
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        pumping.join(timeout=5)  # the pipe ends with the process; then close our end
+        if proc.stderr is not None:
+            proc.stderr.close()
