@@ -135,7 +135,9 @@ class Store:
             self._writer = sqlite.WriterThread(sync_url, echo=echo)
             self._readers = sqlite.ReaderPool(sync_url, echo=echo)
         else:
-            self._engine = create_async_engine(url, echo=echo, pool_size=20, max_overflow=20)
+            if parsed.get_backend_name() == "postgresql":  # "postgresql://…" means asyncpg here
+                parsed = parsed.set(drivername="postgresql+asyncpg")
+            self._engine = create_async_engine(parsed, echo=echo, pool_size=20, max_overflow=20)
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -20,3 +20,11 @@ async def test_migrations_match_the_models(store_url: str) -> None:
     differences = await store.read(diff)
     await store.close()
     assert differences == []
+
+
+async def test_a_plain_postgresql_url_uses_asyncpg(postgres: object) -> None:
+    url = postgres.database().replace("postgresql+asyncpg://", "postgresql://")  # type: ignore[attr-defined]
+    store = Store(url)
+    await store.migrate()
+    assert await store.counts() == {}
+    await store.close()
