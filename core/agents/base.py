@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import os
 import random
 import time
@@ -104,29 +105,49 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+# httpcore walks every connection of a pool, with a syscall or two each, on every request;
+# with hundreds of connections in one pool that stalled the event loop for up to 0.45 s.
+# Several small pools, each request sent through the least busy, keep that walk short.
+POOL_SHARD = 32
+
+
 class HttpAgentService:
-    """Base of the HTTP clients: one pooled httpx client, retries, and error mapping."""
+    """Base of the HTTP clients: pooled httpx clients, retries, and error mapping."""
 
     stateful: bool = False
 
     def __init__(self, name: str, config: HttpAgentConfig, headers: dict[str, str]) -> None:
         self.name = name
         self.config = config
-        limits = httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=config.max_connections,
-        )
+        shards = math.ceil(config.max_connections / POOL_SHARD)
+        size = math.ceil(config.max_connections / shards)
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         # pool=None: a call waits its turn for a connection instead of failing under load.
         timeout = httpx.Timeout(config.timeout_s, pool=None)
-        self._http = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/"),
-            headers=headers,
-            limits=limits,
-            timeout=timeout,
-        )
+        self._pools = [
+            httpx.AsyncClient(
+                base_url=config.base_url.rstrip("/"),
+                headers=headers,
+                limits=limits,
+                timeout=timeout,
+            )
+            for _ in range(shards)
+        ]
+        self._in_flight = [0] * shards
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for pool in self._pools:
+            await pool.aclose()
+
+    async def _send(
+        self, method: str, path: str, *, json: Any, params: dict[str, Any] | None
+    ) -> httpx.Response:
+        index = min(range(len(self._pools)), key=self._in_flight.__getitem__)
+        self._in_flight[index] += 1
+        try:
+            return await self._pools[index].request(method, path, json=json, params=params)
+        finally:
+            self._in_flight[index] -= 1
 
     async def request(
         self,
@@ -170,7 +191,7 @@ class HttpAgentService:
         self, method: str, path: str, *, json: Any, params: dict[str, Any] | None
     ) -> Any:
         try:
-            response = await self._http.request(method, path, json=json, params=params)
+            response = await self._send(method, path, json=json, params=params)
         except httpx.UnsupportedProtocol as exc:
             raise AgentRejected(f"base_url {self.config.base_url!r} is not an http(s) URL") from exc
         except httpx.TimeoutException as exc:
