@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapters.slack.app import SlackAdapter, SlackConfig
 from adapters.web import WebAdapter, WebConfig
 from core.agents import build_service
 from core.agents.base import AgentService
@@ -19,7 +20,6 @@ from core.store import Store
 log = logging.getLogger("threadbridge")
 
 COMING = {
-    "slack": "the Slack adapter is not in this version yet",
     "discord": "the Discord adapter is not in this version yet",
     "telegram": "the Telegram adapter is not in this version yet",
 }
@@ -39,6 +39,21 @@ def web_config(config: Config) -> WebConfig | None:
     return web if web.enabled else None
 
 
+def slack_config(config: Config) -> SlackConfig | None:
+    """The validated `[slack]` section, or None when there is none."""
+    section = config.platform("slack")
+    if section is None:
+        return None
+    try:
+        return SlackConfig.model_validate(section)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = "slack." + ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            config.path, key, first["msg"], "see the README's Slack section"
+        ) from None
+
+
 def check_channels(config: Config) -> dict[str, str]:
     """Each platform section's fate: 'on', or why it does not start."""
     fate: dict[str, str] = {}
@@ -47,6 +62,14 @@ def check_channels(config: Config) -> dict[str, str]:
             continue
         if name == "web":
             fate[name] = "on" if web_config(config) else "off: [web] enabled = false"
+        elif name == "slack":
+            slack = slack_config(config)
+            assert slack is not None
+            mode = slack.mode()
+            fate[name] = {
+                "socket": "on (Socket Mode)",
+                "http": "on (HTTP events at /slack/events)",
+            }.get(mode or "", f"off: {slack.why_off()}")
         else:
             fate[name] = f"off: {COMING[name]}"
     return fate
@@ -58,12 +81,17 @@ class App:
     def __init__(self, config: Config, adapters: list[ChannelAdapter] | None = None) -> None:
         self.config = config
         self.web: WebAdapter | None = None
+        self.slack: SlackAdapter | None = None
         if adapters is None:
             adapters = []
             web = web_config(config)
             if web is not None:
                 self.web = WebAdapter(web)
                 adapters.append(self.web)
+            slack = slack_config(config)
+            if slack is not None and slack.mode() is not None:
+                self.slack = SlackAdapter(slack)
+                adapters.append(self.slack)
         self.adapters = adapters
         self.store = Store(config.store.url, echo=config.store.echo)
         self.router = Router(config, self.store)

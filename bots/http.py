@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from bots.admin.api import admin_routes
 from bots.app import App
@@ -32,4 +32,13 @@ def create_app(app: App) -> FastAPI:
     api.include_router(admin_routes(app.store, app.config.admin_token()))
     if app.web is not None:
         api.include_router(app.web.routes())
+    if app.slack is not None and app.slack.config.mode() == "http":
+        from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
+
+        slack = AsyncSlackRequestHandler(app.slack.app)
+
+        @api.post("/slack/events", include_in_schema=False)
+        async def slack_events(request: Request) -> Response:
+            return await slack.handle(request)
+
     return api

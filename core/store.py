@@ -487,6 +487,16 @@ class Store:
         params = {"conversation_id": conversation_id}
         return await self.read(lambda conn: list(conn.execute(sql.all_messages, params)))
 
+    async def thread_known(self, thread_key: str) -> bool:
+        """Whether the thread is ours: linked to a conversation, or with a message accepted."""
+        linked = sa.select(links.c.thread_key).where(links.c.thread_key == thread_key)
+        accepted = sa.select(inbox.c.id).where(inbox.c.thread_key == thread_key).limit(1)
+
+        def job(conn: Connection) -> bool:
+            return bool(conn.execute(linked).first() or conn.execute(accepted).first())
+
+        return await self.read(job)
+
     async def thread_view(self, thread_key: str) -> tuple[list[Any], list[Any]]:
         """A thread as its person sees it, at one moment: the linked conversation's stored
         messages, and the messages accepted whose turn has not finished yet."""

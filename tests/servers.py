@@ -9,13 +9,17 @@ from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
+from uvicorn.config import WSProtocolType
 
 
 @contextmanager
-def run_asgi(app: Any) -> Iterator[str]:
-    """Serve `app` on a free loopback port; yield its base URL (no trailing slash)."""
+def run_asgi(app: Any, ws: WSProtocolType = "none") -> Iterator[str]:
+    """Serve `app` on a free loopback port; yield its base URL (no trailing slash).
+
+    WebSockets are off unless `ws` names one of uvicorn's implementations ("wsproto", ...).
+    """
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none"
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws=ws
     )
     server = uvicorn.Server(config)
     loop = asyncio.new_event_loop()

@@ -1,0 +1,312 @@
+"""The Slack channel: bolt's AsyncApp over HTTP events or Socket Mode, and posting replies.
+
+Listeners only decide whether a message is for the agent and hand it to the bridge, which
+stores it before Slack gets its acknowledgement (`process_before_response`), so an event is
+never acknowledged and then lost. Replies come back through `post`, rendered to mrkdwn and
+split at `max_chars`, in the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack.convert import (
+    SOURCE,
+    BotIdentity,
+    Heard,
+    conversation_data,
+    hear,
+    post_args,
+    to_inbound,
+)
+from adapters.slack.format import to_mrkdwn
+from core.bridge import Bridge
+from core.errors import MessageRejected, PlatformRejected, PlatformRetryable
+from core.model import Reply, ThreadRef
+from core.text import split_text
+
+log = logging.getLogger(__name__)
+
+# Errors after which a post can never succeed: the bot cannot see or write to the channel.
+FOR_GOOD = {
+    "channel_not_found",
+    "not_in_channel",
+    "is_archived",
+    "msg_too_long",
+    "no_text",
+    "restricted_action",
+    "thread_not_found",
+    "account_inactive",
+    "invalid_auth",
+    "not_authed",
+}
+FILE_ONLY_NOTICE = (
+    "The agent reads text only: it was given the file's name and link, not what is in it."
+)
+
+
+class SlackConfig(BaseModel):
+    """`[slack]`: the Slack app's tokens (by environment variable) and its behaviour."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bot_token_env: str = "SLACK_BOT_TOKEN"
+    signing_secret_env: str = "SLACK_SIGNING_SECRET"
+    app_token_env: str = "SLACK_APP_TOKEN"
+    admins: list[str] = Field(default_factory=list)
+    channels: list[str] | None = None
+    api_base_url: str = "https://slack.com/api/"
+    max_chars: int = Field(default=3000, ge=100, le=40000)
+    working_text: str = "_is thinking…_"
+
+    def secret(self, name: str) -> str:
+        return os.environ.get(getattr(self, name), "")
+
+    def mode(self) -> str | None:
+        """'socket', 'http', or None when the secrets needed for either are missing."""
+        if not self.secret("bot_token_env"):
+            return None
+        if self.secret("app_token_env"):
+            return "socket"
+        if self.secret("signing_secret_env"):
+            return "http"
+        return None
+
+    def why_off(self) -> str:
+        if not self.secret("bot_token_env"):
+            return f"{self.bot_token_env} is not set"
+        return (
+            f"set {self.signing_secret_env} (HTTP events at /slack/events) "
+            f"or {self.app_token_env} (Socket Mode)"
+        )
+
+
+class SlackAdapter:
+    """Slack threads ⇄ the bridge."""
+
+    source = SOURCE
+    working_every_s: float | None = None
+
+    def __init__(self, config: SlackConfig) -> None:
+        self.config = config
+        self.bridge: Bridge | None = None
+        self.me: BotIdentity | None = None
+        self.client = AsyncWebClient(
+            token=config.secret("bot_token_env"),
+            base_url=config.api_base_url,
+            retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
+        )
+        http_mode = config.mode() == "http"
+        self.app = AsyncApp(
+            client=self.client,
+            signing_secret=config.secret("signing_secret_env") or None,
+            process_before_response=True,
+            request_verification_enabled=http_mode,
+        )
+        self._socket: Any = None
+        self._placeholders: dict[str, str] = {}  # thread key -> ts of the "thinking" message
+        self._assistant_threads: set[str] = set()
+        self._names: dict[str, str] = {}
+        self._ignored_channels: set[str] = set()
+        self._register()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        identity = await self.client.auth_test()
+        self.me = BotIdentity(str(identity["user_id"]), str(identity.get("bot_id") or ""))
+        if self.config.mode() == "socket":
+            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+            self._socket = AsyncSocketModeHandler(self.app, self.config.secret("app_token_env"))
+            await self._socket.connect_async()
+            log.info("slack: Socket Mode connected as %s", self.me.user_id)
+        else:
+            log.info("slack: HTTP events at /slack/events, bot user %s", self.me.user_id)
+
+    async def stop(self) -> None:
+        if self._socket is not None:
+            await self._socket.close_async()
+        session = getattr(self.client, "session", None)
+        if session is not None:
+            await session.close()
+
+    # -- listeners -----------------------------------------------------------------------
+
+    def _register(self) -> None:
+        self.app.event("app_mention")(self._on_event)
+        self.app.event("message")(self._on_event)
+        self.app.event("assistant_thread_started")(self._on_assistant_thread)
+        self.app.event("assistant_thread_context_changed")(self._ignore)
+        self.app.command("/agent")(self._on_agent_command)
+
+    async def _ignore(self, ack: Any) -> None:
+        await ack()
+
+    async def _on_event(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        assert self.bridge is not None
+        assert self.me is not None
+        heard = hear(body, event, self.me)
+        if heard is None or not await self._is_ours(heard):
+            return
+        name = await self._user_name(heard.author_id)
+        data: dict[str, Any] = {}
+        if heard.kind != "thread_reply":
+            data = await self._describe(heard, name)
+        if event.get("assistant_thread") or heard.thread.key in self._assistant_threads:
+            self._assistant_threads.add(heard.thread.key)
+        inbound = to_inbound(heard, name, data)
+        try:
+            await self.bridge.submit(inbound)
+        except MessageRejected as exc:
+            await self.bridge.notify(heard.thread, exc.reason)
+            return
+        if heard.files and not heard.text:
+            await self.bridge.notify(heard.thread, FILE_ONLY_NOTICE)
+
+    async def _is_ours(self, heard: Heard) -> bool:
+        allowed = self.config.channels
+        if allowed is not None and heard.kind != "dm" and heard.thread.channel not in allowed:
+            if heard.thread.channel not in self._ignored_channels:
+                self._ignored_channels.add(heard.thread.channel)
+                log.info(
+                    "slack: ignoring channel %s (not in [slack] channels)", heard.thread.channel
+                )
+            return False
+        if heard.kind == "thread_reply":
+            assert self.bridge is not None
+            return await self.bridge.store.thread_known(heard.thread.key)
+        return True
+
+    async def _on_assistant_thread(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        info = event.get("assistant_thread") or {}
+        channel, ts = info.get("channel_id"), info.get("thread_ts")
+        if not channel or not ts:
+            return
+        team = str(body.get("team_id") or "-")
+        thread = ThreadRef(SOURCE, team, str(channel), str(ts))
+        self._assistant_threads.add(thread.key)
+        assert self.bridge is not None
+        decision = await self.bridge.router.agent_for(thread)
+        await self.bridge.notify(thread, f"Hi! Agent *{decision.agent}* answers here. Ask away.")
+
+    async def _on_agent_command(self, ack: Any, command: dict[str, Any]) -> None:
+        await ack(await self._agent_command(command))
+
+    async def _agent_command(self, command: dict[str, Any]) -> str:
+        """`/agent` shows this channel's agent; `/agent NAME` routes the channel (admins)."""
+        assert self.bridge is not None
+        team, channel = str(command.get("team_id", "-")), str(command.get("channel_id", ""))
+        user, wanted = str(command.get("user_id", "")), str(command.get("text", "")).strip()
+        here = ThreadRef(SOURCE, team, channel, "-")
+        decision = await self.bridge.router.agent_for(here)
+        if not wanted:
+            return f"Agent *{decision.agent}* answers in this channel ({decision.why})."
+        if wanted == "new":
+            return (
+                "Each new message here starts its own thread and conversation; reply in a "
+                "thread to continue one."
+            )
+        if user not in self.config.admins:
+            return "Only a threadbridge admin can choose the agent of a channel; ask one of them."
+        if wanted not in self.bridge.config.agent_configs:
+            known = ", ".join(sorted(self.bridge.config.agent_configs))
+            return f"There is no agent *{wanted}*. Agents: {known}."
+        await self.bridge.store.set_route(SOURCE, team, channel, wanted, set_by=f"slack:{user}")
+        await self.bridge.router.reload()
+        return f"Done: new threads in this channel go to agent *{wanted}*."
+
+    # -- Slack facts ---------------------------------------------------------------------
+
+    async def _user_name(self, user_id: str) -> str:
+        if user_id not in self._names:
+            try:
+                answer = await asyncio.wait_for(self.client.users_info(user=user_id), 2)
+                user = answer.get("user") or {}
+                profile = user.get("profile") or {}
+                self._names[user_id] = str(
+                    profile.get("display_name") or user.get("real_name") or user.get("name") or ""
+                )
+            except (SlackApiError, TimeoutError, OSError) as exc:
+                log.debug("slack: users.info %s failed: %s", user_id, exc)
+                return ""
+        return self._names[user_id]
+
+    async def _describe(self, heard: Heard, user_name: str) -> dict[str, Any]:
+        """The conversation's data; names and the permalink are best effort (2 s at most)."""
+        channel_name = permalink = ""
+        try:
+            info, link = await asyncio.wait_for(
+                asyncio.gather(
+                    self.client.conversations_info(channel=heard.thread.channel),
+                    self.client.chat_getPermalink(
+                        channel=heard.thread.channel, message_ts=heard.thread.thread
+                    ),
+                ),
+                2,
+            )
+            channel_name = str((info.get("channel") or {}).get("name") or "")
+            permalink = str(link.get("permalink") or "")
+        except (SlackApiError, TimeoutError, OSError) as exc:
+            log.debug("slack: describing %s failed: %s", heard.thread.key, exc)
+        return conversation_data(
+            heard, channel_name=channel_name, user_name=user_name, permalink=permalink
+        )
+
+    # -- posting -------------------------------------------------------------------------
+
+    async def show_working(self, thread: ThreadRef) -> None:
+        if thread.key in self._assistant_threads:
+            await self.client.api_call(
+                "assistant.threads.setStatus",
+                json={
+                    "channel_id": thread.channel,
+                    "thread_ts": thread.thread,
+                    "status": "is thinking…",
+                },
+            )
+            return
+        if thread.key not in self._placeholders:
+            answer = await self.client.chat_postMessage(
+                **post_args(thread, self.config.working_text)
+            )
+            self._placeholders[thread.key] = str(answer["ts"])
+
+    async def post(self, reply: Reply) -> list[str]:
+        parts = split_text(to_mrkdwn(reply.text), self.config.max_chars) or ["…"]
+        placeholder = self._placeholders.pop(reply.thread.key, None)
+        posted: list[str] = []
+        try:
+            if placeholder is not None and len(parts) == 1:
+                await self.client.chat_update(
+                    channel=reply.thread.channel, ts=placeholder, text=parts[0]
+                )
+                return [placeholder]
+            if placeholder is not None:
+                await self.client.chat_delete(channel=reply.thread.channel, ts=placeholder)
+            for part in parts:
+                answer = await self.client.chat_postMessage(**post_args(reply.thread, part))
+                posted.append(str(answer["ts"]))
+        except SlackApiError as exc:
+            raise _platform_error(exc) from exc
+        return posted
+
+
+def _platform_error(exc: SlackApiError) -> Exception:
+    error = str(exc.response.get("error", "")) if exc.response is not None else ""
+    if error in FOR_GOOD:
+        return PlatformRejected(f"slack: {error}")
+    retry_after = None
+    if exc.response is not None and exc.response.status_code == 429:
+        retry_after = float(exc.response.headers.get("retry-after", 1) or 1)
+    return PlatformRetryable(f"slack: {error or exc}", retry_after=retry_after)
