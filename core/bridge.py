@@ -405,6 +405,7 @@ class Bridge:
             text=str(payload.get("text", "")),
             kind=kind,
             reply_to=payload.get("reply_to"),
+            posted=tuple(payload.get("posted") or ()),
         )
         try:
             ids = await adapter.post(reply)
@@ -426,9 +427,12 @@ class Bridge:
                 else min(60.0, 2.0**claim.attempts) * random.uniform(0.5, 1)
             )
             log.warning("posting to %s failed (%s); retry in %.1fs", thread.key, exc, delay)
-            await self.store.retry_outbox_later(claim, delay, str(exc))
+            progress = None
+            if isinstance(exc, PlatformRetryable) and exc.posted:
+                progress = {**payload, "posted": [*reply.posted, *exc.posted]}
+            await self.store.retry_outbox_later(claim, delay, str(exc), progress)
             return
-        await self.store.finish_outbox(claim, sent=True, platform_ids=ids)
+        await self.store.finish_outbox(claim, sent=True, platform_ids=[*reply.posted, *ids])
         await self._emit(thread.key, "posted")
 
 

@@ -7,6 +7,7 @@ ThreadbridgeError
 │   ├── AgentUnavailable      worth retrying: 429, 5xx, connect error, timeout
 │   └── AgentRejected         not worth retrying: 4xx, a reply we cannot read
 └── PlatformError             posting to a platform failed
+    ├── StartupError          a channel cannot start (token refused, platform unreachable)
     ├── PlatformRetryable     try again later (after `retry_after` when given)
     └── PlatformRejected      never retry this post (bot removed, thread gone)
 """
@@ -27,6 +28,13 @@ class ConfigError(ThreadbridgeError):
         if fix:
             text += f"\n  fix: {fix}"
         super().__init__(text)
+
+
+class StartupError(ThreadbridgeError):
+    """A channel cannot start (a refused token, an unreachable platform); says how to fix it."""
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)
 
 
 class MessageRejected(ThreadbridgeError):
@@ -64,10 +72,13 @@ class PlatformError(ThreadbridgeError):
 
 
 class PlatformRetryable(PlatformError):
-    """The post may succeed later."""
+    """The post may succeed later; `posted` holds the ids of the parts that did go out."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, posted: list[str] | None = None
+    ) -> None:
         self.retry_after = retry_after
+        self.posted = posted or []
         super().__init__(message)
 
 

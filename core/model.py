@@ -93,6 +93,9 @@ class Reply:
     text: str
     kind: ReplyKind = "answer"
     reply_to: str | None = None  # the inbound event this answers, when there is one
+    # Ids of the parts an earlier attempt already posted: a reply split in several messages
+    # resumes after them instead of posting them again.
+    posted: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

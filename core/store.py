@@ -281,18 +281,24 @@ class Store:
 
         return await self.write(job)
 
-    async def retry_outbox_later(self, claim: Claim, delay_s: float, error: str) -> None:
+    async def retry_outbox_later(
+        self, claim: Claim, delay_s: float, error: str, payload: dict[str, Any] | None = None
+    ) -> None:
+        """Hand the item back for a later try; `payload` replaces its payload (progress)."""
+        values: dict[str, Any] = {
+            "status": "pending",
+            "claim_token": None,
+            "lease_until": None,
+            "not_before": utcnow() + timedelta(seconds=delay_s),
+            "error": error[:2000],
+            "updated": utcnow(),
+        }
+        if payload is not None:
+            values["payload"] = payload
         statement = (
             outbox.update()
             .where(outbox.c.id == claim.id, outbox.c.claim_token == claim.token)
-            .values(
-                status="pending",
-                claim_token=None,
-                lease_until=None,
-                not_before=utcnow() + timedelta(seconds=delay_s),
-                error=error[:2000],
-                updated=utcnow(),
-            )
+            .values(**values)
         )
         await self.write(lambda conn: conn.execute(statement))
 
@@ -391,20 +397,25 @@ class Store:
 
     async def end_thread(self, thread_key: str) -> str | None:
         """Unlink the thread (`/new`); its next message opens a new conversation."""
+        ended = await self._end_threads(links.c.thread_key == thread_key)
+        return ended[0] if ended else None
 
-        def job(conn: Connection) -> str | None:
-            row = conn.execute(
-                sa.select(links.c.conversation_id).where(links.c.thread_key == thread_key)
-            ).first()
-            if row is None:
-                return None
-            conn.execute(links.delete().where(links.c.thread_key == thread_key))
+    async def end_threads_under(self, prefix: str) -> list[str]:
+        """Unlink every thread whose key starts with `prefix` (all threads of a DM channel)."""
+        return await self._end_threads(links.c.thread_key.startswith(prefix, autoescape=True))
+
+    async def _end_threads(self, where: Any) -> list[str]:
+        def job(conn: Connection) -> list[str]:
+            ids = [str(r.conversation_id) for r in conn.execute(sa.select(links).where(where))]
+            if not ids:
+                return []
+            conn.execute(links.delete().where(where))
             conn.execute(
                 conversations.update()
-                .where(conversations.c.id == row.conversation_id)
+                .where(conversations.c.id.in_(ids))
                 .values(status="closed", updated=utcnow())
             )
-            return str(row.conversation_id)
+            return ids
 
         return await self.write(job)
 
