@@ -97,6 +97,7 @@ class App:
         self.router = Router(config, self.store)
         self.services: dict[str, AgentService] = {}
         self.bridge: Bridge | None = None
+        self.start_error: str | None = None  # why start() failed, for the CLI to say
 
     async def start(self) -> Bridge:
         await self.store.migrate()

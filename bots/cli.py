@@ -116,8 +116,18 @@ def serve(
         )
     )
     server.on_exit = app.draining
+    # A start that fails for a reason we name (a refused token…) is said once, plainly.
+    logging.getLogger("uvicorn.error").addFilter(
+        lambda record: app.start_error is None or record.levelno < logging.ERROR
+    )
     typer.echo(f"threadbridge: config {cfg.path}, store {_safe_url(cfg.store.url)}", err=True)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits at once when the start fails
+        if app.start_error is None:
+            raise
+    if app.start_error is not None:
+        raise fail(app.start_error, code=1)
     if not server.started:
         raise typer.Exit(1)
 

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 
 from bots.admin.api import admin_routes
 from bots.app import App
+from core.errors import ThreadbridgeError
 
 
 def create_app(app: App) -> FastAPI:
@@ -17,7 +18,12 @@ def create_app(app: App) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await app.start()
+        try:
+            await app.start()
+        except ThreadbridgeError as exc:  # said in one line by `serve`, without a traceback
+            app.start_error = str(exc)
+            await app.stop()
+            raise
         try:
             yield
         finally:

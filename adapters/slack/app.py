@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
@@ -30,11 +31,17 @@ from adapters.slack.convert import (
 )
 from adapters.slack.format import to_mrkdwn
 from core.bridge import Bridge
-from core.errors import MessageRejected, PlatformRejected, PlatformRetryable
+from core.errors import MessageRejected, PlatformRejected, PlatformRetryable, StartupError
 from core.model import Reply, ThreadRef
+from core.pacing import Pacer
 from core.text import split_text
 
 log = logging.getLogger(__name__)
+# bolt warns that the token is unused whenever SLACK_BOT_TOKEN is set and a client is given
+# (we give one, for api_base_url); the warning is about bolt's own lookup, not a problem.
+logging.getLogger("slack_bolt.AsyncApp").addFilter(
+    lambda record: record.getMessage() != warning_client_prioritized_and_token_skipped()
+)
 
 # Errors after which a post can never succeed: the bot cannot see or write to the channel.
 FOR_GOOD = {
@@ -49,6 +56,7 @@ FOR_GOOD = {
     "invalid_auth",
     "not_authed",
 }
+NEW_WORDS = {"new", "/new"}
 FILE_ONLY_NOTICE = (
     "The agent reads text only: it was given the file's name and link, not what is in it."
 )
@@ -67,6 +75,9 @@ class SlackConfig(BaseModel):
     api_base_url: str = "https://slack.com/api/"
     max_chars: int = Field(default=3000, ge=100, le=40000)
     working_text: str = "_is thinking…_"
+    # Slack takes about one message a second per channel, with short bursts; 0 turns pacing off.
+    post_rate_per_channel: float = Field(default=1.0, ge=0)
+    post_burst: int = Field(default=5, ge=1)
 
     def secret(self, name: str) -> str:
         return os.environ.get(getattr(self, name), "")
@@ -113,17 +124,31 @@ class SlackAdapter:
             request_verification_enabled=http_mode,
         )
         self._socket: Any = None
-        self._placeholders: dict[str, str] = {}  # thread key -> ts of the "thinking" message
+        # thread key -> the post of its "thinking" message (its ts), awaited by `post`
+        self._placeholders: dict[str, asyncio.Task[str]] = {}
         self._assistant_threads: set[str] = set()
         self._names: dict[str, str] = {}
         self._ignored_channels: set[str] = set()
+        self._pacer = Pacer(config.post_rate_per_channel, config.post_burst)
         self._register()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        identity = await self.client.auth_test()
+        try:
+            identity = await self.client.auth_test()
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", "")) if exc.response is not None else ""
+            raise StartupError(
+                f"slack: Slack refused the bot token in {self.config.bot_token_env} ({error})",
+                "set it to the app's Bot User OAuth Token (xoxb-…), from OAuth & Permissions",
+            ) from None
+        except (OSError, TimeoutError) as exc:
+            raise StartupError(
+                f"slack: cannot reach {self.config.api_base_url} ({exc!r})",
+                "check the network, a proxy, or [slack] api_base_url",
+            ) from None
         self.me = BotIdentity(str(identity["user_id"]), str(identity.get("bot_id") or ""))
         if self.config.mode() == "socket":
             from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -158,6 +183,12 @@ class SlackAdapter:
         assert self.me is not None
         heard = hear(body, event, self.me)
         if heard is None or not await self._is_ours(heard):
+            return
+        if heard.kind == "dm" and event.get("thread_ts") and heard.text.lower() in NEW_WORDS:
+            await self.bridge.new_conversation(heard.thread)
+            await self.bridge.notify(
+                heard.thread, "Started afresh: your next message here opens a new conversation."
+            )
             return
         name = await self._user_name(heard.author_id)
         data: dict[str, Any] = {}
@@ -213,9 +244,15 @@ class SlackAdapter:
         if not wanted:
             return f"Agent *{decision.agent}* answers in this channel ({decision.why})."
         if wanted == "new":
+            if not channel.startswith("D"):
+                return (
+                    "`/agent new` works in a DM with me. In a channel, mention me in a new "
+                    "message to start a new conversation."
+                )
+            ended = await self.bridge.store.end_threads_under(here.key.removesuffix("-"))
             return (
-                "Each new message here starts its own thread and conversation; reply in a "
-                "thread to continue one."
+                f"Started afresh: {len(ended)} open conversation(s) here are closed; your next "
+                "message opens a new one."
             )
         if user not in self.config.admins:
             return "Only a threadbridge admin can choose the agent of a channel; ask one of them."
@@ -277,36 +314,52 @@ class SlackAdapter:
             )
             return
         if thread.key not in self._placeholders:
-            answer = await self.client.chat_postMessage(
-                **post_args(thread, self.config.working_text)
-            )
-            self._placeholders[thread.key] = str(answer["ts"])
+            placeholder = asyncio.create_task(self._post_placeholder(thread))
+            self._placeholders[thread.key] = placeholder
+            # The bridge cancels this call when the answer is ready; the post itself goes on,
+            # so `post` always learns the placeholder's ts and never leaves one behind.
+            await asyncio.shield(placeholder)
+
+    async def _post_placeholder(self, thread: ThreadRef) -> str:
+        answer = await self.client.chat_postMessage(**post_args(thread, self.config.working_text))
+        return str(answer["ts"])
+
+    async def _take_placeholder(self, thread: ThreadRef) -> str | None:
+        task = self._placeholders.pop(thread.key, None)
+        if task is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), 10)
+        except Exception as exc:  # it was never posted: nothing to update or delete
+            log.debug("slack: no placeholder in %s: %s", thread.key, exc)
+            return None
 
     async def post(self, reply: Reply) -> list[str]:
+        """Post the reply's parts in order; a retry resumes after the parts already posted."""
+        thread = reply.thread
         parts = split_text(to_mrkdwn(reply.text), self.config.max_chars) or ["…"]
-        placeholder = self._placeholders.pop(reply.thread.key, None)
+        placeholder = await self._take_placeholder(thread)
         posted: list[str] = []
         try:
             if placeholder is not None and len(parts) == 1:
-                await self.client.chat_update(
-                    channel=reply.thread.channel, ts=placeholder, text=parts[0]
-                )
+                await self.client.chat_update(channel=thread.channel, ts=placeholder, text=parts[0])
                 return [placeholder]
             if placeholder is not None:
-                await self.client.chat_delete(channel=reply.thread.channel, ts=placeholder)
-            for part in parts:
-                answer = await self.client.chat_postMessage(**post_args(reply.thread, part))
+                await self.client.chat_delete(channel=thread.channel, ts=placeholder)
+            for part in parts[len(reply.posted) :]:
+                await self._pacer.wait(f"{thread.workspace}/{thread.channel}")
+                answer = await self.client.chat_postMessage(**post_args(thread, part))
                 posted.append(str(answer["ts"]))
         except SlackApiError as exc:
-            raise _platform_error(exc) from exc
+            raise _platform_error(exc, posted) from exc
         return posted
 
 
-def _platform_error(exc: SlackApiError) -> Exception:
+def _platform_error(exc: SlackApiError, posted: list[str]) -> Exception:
     error = str(exc.response.get("error", "")) if exc.response is not None else ""
     if error in FOR_GOOD:
         return PlatformRejected(f"slack: {error}")
     retry_after = None
     if exc.response is not None and exc.response.status_code == 429:
         retry_after = float(exc.response.headers.get("retry-after", 1) or 1)
-    return PlatformRetryable(f"slack: {error or exc}", retry_after=retry_after)
+    return PlatformRetryable(f"slack: {error or exc}", retry_after=retry_after, posted=posted)

@@ -185,6 +185,7 @@ async def test_socket_mode_delivers_events_and_survives_a_refresh(
 
     await handler.connect_async()
     assert fake.calls_to("apps.connections.open")[0].token == "xapp-test"
+    await fake.wait_connections(1)  # the client may return before the server counts it
     assert fake.socket_connections == 1
 
     mention = payloads.app_mention("<@UBOT> first")

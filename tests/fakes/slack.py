@@ -128,7 +128,7 @@ class FakeSlack:
         self._acks: list[Ack] = []
         self._responses: list[tuple[str, Any]] = []
         self._socket_other: list[Any] = []
-        self._faults: dict[str, list[Fault]] = {}
+        self._faults: dict[str, list[Fault | None]] = {}  # None: answer that call normally
         self._messages: dict[tuple[str, str], dict[str, Any]] = {}  # post order
         self._seq = itertools.count(1)
         self._tickets: set[str] = set()
@@ -217,8 +217,10 @@ class FakeSlack:
         status: int | None = None,
         error: str | None = None,
         retry_after: int = 1,
+        after: int = 0,
     ) -> None:
-        """Answer the next `times` authorized calls to `method` with a failure.
+        """Answer the next `times` authorized calls to `method` with a failure, once `after`
+        calls have been answered normally.
 
         `status=429` sends `Retry-After` and error `ratelimited`; `status=500` an HTTP 500;
         `error=...` alone the usual HTTP 200 with `"ok": false`.
@@ -229,6 +231,7 @@ class FakeSlack:
         default = {429: "ratelimited", 200: "fatal_error"}.get(status, "internal_error")
         with self._lock:
             queue = self._faults.setdefault(method, [])
+            queue.extend([None] * after)
             queue.extend(Fault(status, error or default, retry_after) for _ in range(times))
 
     # -- what was recorded ------------------------------------------------------------------
