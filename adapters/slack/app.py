@@ -57,6 +57,7 @@ FOR_GOOD = {
     "not_authed",
 }
 NEW_WORDS = {"new", "/new"}
+LOOKUP_S = 1.5  # the most a message's names and permalink may hold up Slack's acknowledgement
 FILE_ONLY_NOTICE = (
     "The agent reads text only: it was given the file's name and link, not what is in it."
 )
@@ -127,7 +128,8 @@ class SlackAdapter:
         # thread key -> the post of its "thinking" message (its ts), awaited by `post`
         self._placeholders: dict[str, asyncio.Task[str]] = {}
         self._assistant_threads: set[str] = set()
-        self._names: dict[str, str] = {}
+        self._names: dict[str, str] = {}  # user id -> display name
+        self._channel_names: dict[str, str] = {}
         self._ignored_channels: set[str] = set()
         self._pacer = Pacer(config.post_rate_per_channel, config.post_burst)
         self._register()
@@ -190,10 +192,7 @@ class SlackAdapter:
                 heard.thread, "Started afresh: your next message here opens a new conversation."
             )
             return
-        name = await self._user_name(heard.author_id)
-        data: dict[str, Any] = {}
-        if heard.kind != "thread_reply":
-            data = await self._describe(heard, name)
+        name, data = await self._facts(heard)
         if event.get("assistant_thread") or heard.thread.key in self._assistant_threads:
             self._assistant_threads.add(heard.thread.key)
         inbound = to_inbound(heard, name, data)
@@ -265,40 +264,64 @@ class SlackAdapter:
 
     # -- Slack facts ---------------------------------------------------------------------
 
+    async def _facts(self, heard: Heard) -> tuple[str, dict[str, Any]]:
+        """The author's name and, for a new thread, the conversation's data. Best effort and
+        at most LOOKUP_S: Slack wants its acknowledgement within 3 s, and it waits on this."""
+        lookups = {"user": self._user_name(heard.author_id)}
+        if heard.kind != "thread_reply":
+            lookups["channel"] = self._channel_name(heard.thread.channel)
+            lookups["permalink"] = self._permalink(heard.thread)
+        tasks = {key: asyncio.ensure_future(lookup) for key, lookup in lookups.items()}
+        done, late = await asyncio.wait(tasks.values(), timeout=LOOKUP_S)
+        for task in late:
+            task.cancel()
+        if late:
+            log.debug("slack: %d lookup(s) for %s were too slow", len(late), heard.thread.key)
+        found = {key: task.result() for key, task in tasks.items() if task in done}
+        name = found.get("user", "")
+        if heard.kind == "thread_reply":
+            return name, {}
+        data = conversation_data(
+            heard,
+            channel_name=found.get("channel", ""),
+            user_name=name,
+            permalink=found.get("permalink", ""),
+        )
+        return name, data
+
     async def _user_name(self, user_id: str) -> str:
         if user_id not in self._names:
             try:
-                answer = await asyncio.wait_for(self.client.users_info(user=user_id), 2)
-                user = answer.get("user") or {}
-                profile = user.get("profile") or {}
-                self._names[user_id] = str(
-                    profile.get("display_name") or user.get("real_name") or user.get("name") or ""
-                )
-            except (SlackApiError, TimeoutError, OSError) as exc:
+                answer = await self.client.users_info(user=user_id)
+            except (SlackApiError, OSError) as exc:
                 log.debug("slack: users.info %s failed: %s", user_id, exc)
                 return ""
+            user = answer.get("user") or {}
+            profile = user.get("profile") or {}
+            self._names[user_id] = str(
+                profile.get("display_name") or user.get("real_name") or user.get("name") or ""
+            )
         return self._names[user_id]
 
-    async def _describe(self, heard: Heard, user_name: str) -> dict[str, Any]:
-        """The conversation's data; names and the permalink are best effort (2 s at most)."""
-        channel_name = permalink = ""
+    async def _channel_name(self, channel: str) -> str:
+        if channel not in self._channel_names:
+            try:
+                answer = await self.client.conversations_info(channel=channel)
+            except (SlackApiError, OSError) as exc:
+                log.debug("slack: conversations.info %s failed: %s", channel, exc)
+                return ""
+            self._channel_names[channel] = str((answer.get("channel") or {}).get("name") or "")
+        return self._channel_names[channel]
+
+    async def _permalink(self, thread: ThreadRef) -> str:
         try:
-            info, link = await asyncio.wait_for(
-                asyncio.gather(
-                    self.client.conversations_info(channel=heard.thread.channel),
-                    self.client.chat_getPermalink(
-                        channel=heard.thread.channel, message_ts=heard.thread.thread
-                    ),
-                ),
-                2,
+            answer = await self.client.chat_getPermalink(
+                channel=thread.channel, message_ts=thread.thread
             )
-            channel_name = str((info.get("channel") or {}).get("name") or "")
-            permalink = str(link.get("permalink") or "")
-        except (SlackApiError, TimeoutError, OSError) as exc:
-            log.debug("slack: describing %s failed: %s", heard.thread.key, exc)
-        return conversation_data(
-            heard, channel_name=channel_name, user_name=user_name, permalink=permalink
-        )
+        except (SlackApiError, OSError) as exc:
+            log.debug("slack: chat.getPermalink %s failed: %s", thread.key, exc)
+            return ""
+        return str(answer.get("permalink") or "")
 
     # -- posting -------------------------------------------------------------------------
 

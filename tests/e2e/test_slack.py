@@ -28,6 +28,7 @@ from tests.fakes.slack import (
     sign,
     slash_command,
 )
+from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +36,12 @@ SECRET = "signing-secret-for-tests"
 MENTION = f"<@{BOT_USER_ID}>"
 
 
-def config_text(tmp_path: Path, api: str, extra: str = "") -> str:
+def config_text(tmp_path: Path, api: str, extra: str = "", store: str = "") -> str:
     return f"""
 default_agent = "demo"
 
 [store]
-url = "sqlite:///{tmp_path}/tb.db"
+url = "{store or f"sqlite:///{tmp_path}/tb.db"}"
 
 [bridge]
 poll_s = 0.1
@@ -200,6 +201,37 @@ def test_redeliveries_and_double_events_get_one_answer(
     assert len(wait_texts(slack, "C0001", root["ts"], 1)) == 1
 
 
+def test_two_instances_on_one_database_answer_once(
+    tmp_path: Path, slack: FakeSlack, postgres: PostgresServer
+) -> None:
+    store = postgres.database()
+    env = {"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SECRET}
+    instances = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        process = ServeProcess(workdir, config_text(workdir, slack.base_url, store=store), env=env)
+        instances.append(process)
+    try:
+        for process in instances:
+            process.start()
+        a, b = instances
+        roots = [app_mention(f"{MENTION} both of you, {i}") for i in range(5)]
+        for i, root in enumerate(roots):
+            deliver(a, root, event_id=f"Ev{i}")
+            deliver(b, root, event_id=f"Ev{i}", retry=1)  # Slack's retry reached the other one
+            deliver(b, message(root["text"], ts=root["ts"]), event_id=f"EvM{i}")
+        for root in roots:
+            wait_texts(slack, "C0001", root["ts"], 1)
+        time.sleep(1.0)
+        for root in roots:
+            assert len(wait_texts(slack, "C0001", root["ts"], 1)) == 1
+        assert not [t for t in slack.texts("C0001") if "is thinking" in t]  # none left behind
+    finally:
+        for process in instances:
+            process.stop()
+
+
 def test_own_and_other_bots_messages_and_edits_are_ignored(
     serve: ServeProcess, slack: FakeSlack
 ) -> None:
@@ -217,6 +249,20 @@ def test_own_and_other_bots_messages_and_edits_are_ignored(
         assert deliver(serve, event).status_code == 200
     time.sleep(1.0)
     assert len(wait_texts(slack, "C0001", root["ts"], 1)) == 1
+
+
+def test_slow_lookups_do_not_hold_up_the_acknowledgement(
+    serve: ServeProcess, slack: FakeSlack
+) -> None:
+    for method in ("users.info", "conversations.info", "chat.getPermalink"):
+        slack.slow(method, 5)
+    root = app_mention(f"{MENTION} quick ack please")
+    started = time.monotonic()
+    assert deliver(serve, root).status_code == 200
+    assert time.monotonic() - started < 3  # Slack redelivers what is not acked within 3 s
+    wait_texts(slack, "C0001", root["ts"], 1)
+    [found] = search(serve, "--source", "slack")
+    assert found["data"]["channel_id"] == "C0001"  # the facts we had, without the slow ones
 
 
 def test_bad_or_stale_signatures_are_refused(serve: ServeProcess, slack: FakeSlack) -> None:

@@ -128,7 +128,8 @@ class FakeSlack:
         self._acks: list[Ack] = []
         self._responses: list[tuple[str, Any]] = []
         self._socket_other: list[Any] = []
-        self._faults: dict[str, list[Fault | None]] = {}  # None: answer that call normally
+        self._faults: dict[str, list[Fault | None]] = {}
+        self._delays: dict[str, float] = {}  # None: answer that call normally
         self._messages: dict[tuple[str, str], dict[str, Any]] = {}  # post order
         self._seq = itertools.count(1)
         self._tickets: set[str] = set()
@@ -233,6 +234,11 @@ class FakeSlack:
             queue = self._faults.setdefault(method, [])
             queue.extend([None] * after)
             queue.extend(Fault(status, error or default, retry_after) for _ in range(times))
+
+    def slow(self, method: str, seconds: float) -> None:
+        """Answer every later call to `method` only after `seconds` (0: at once again)."""
+        with self._lock:
+            self._delays[method] = seconds
 
     # -- what was recorded ------------------------------------------------------------------
 
@@ -375,6 +381,10 @@ class FakeSlack:
     async def _api(self, request: Request) -> JSONResponse:
         method = request.path_params["method"]
         params = await _read_params(request)
+        with self._lock:
+            delay = self._delays.get(method, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         auth = request.headers.get("authorization", "")
         token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
         token = token or params.pop("token", None)
