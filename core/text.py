@@ -11,10 +11,13 @@ closed with a fence line and the next part reopens it with the same opening line
 line would take over half the limit, the bare marker reopens it instead.
 
 Fences are recognised in Markdown and Slack mrkdwn (lines of three or more backticks or tildes,
-at any indentation so that fences inside list items count). A platform that renders code as
-HTML (Telegram's `<pre>`) needs tag-aware splitting: that is not built yet. Only at absurdly
-small limits, next to a fence line about as long as the limit itself, does a part lose a
-fence's info string or come out unbalanced.
+at any indentation so that fences inside list items count). Only at absurdly small limits,
+next to a fence line about as long as the limit itself, does a part lose a fence's info string
+or come out unbalanced.
+
+The boundaries (`find_cuts`), the choice among them (`best_cut`) and the test for a cut between
+two characters (`can_cut`) are public for splitters of other formats: Telegram's HTML splitter
+keeps tags balanced itself but cuts where this module would.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 
 MIN_LIMIT = 16
@@ -63,8 +67,12 @@ class _Fence:
 
 
 @dataclass(frozen=True)
-class _Cut:
-    """A place to cut: the part ends at `end`, the next one starts at `start`."""
+class Cut:
+    """A place to cut: the part ends at `end`, the next one starts at `start`.
+
+    `rank` orders boundaries, best first: a paragraph, a line, a sentence, a space, and below
+    those cuts that fall between any two characters.
+    """
 
     end: int
     start: int
@@ -81,7 +89,7 @@ class _Doc:
     fences: tuple[_Fence, ...]
     fence_starts: tuple[int, ...]
     line_starts: tuple[int, ...]
-    cuts: tuple[_Cut, ...] = ()
+    cuts: tuple[Cut, ...] = ()
     cut_ends: tuple[int, ...] = ()
 
 
@@ -124,6 +132,57 @@ def fences_balanced(text: str) -> bool:
     return all(fence.end < len(text) for fence in _find_fences(text))
 
 
+def find_cuts(
+    text: str,
+    block_edges: Collection[int] = (),
+    in_code: Callable[[int], bool] | None = None,
+) -> list[Cut]:
+    """Every soft cut in `text`, ordered by where the part before it would end.
+
+    A cut is a run of whitespace (dropped, but for the indentation of the line after it) or
+    a CJK sentence end without a space. A line break ranks as a paragraph when it is one of
+    several or touches an offset in `block_edges` (where a code block's first line starts or
+    its last line ends); a sentence end where `in_code(offset)` holds ranks as a space.
+    """
+    list_numbers = {m.end() for m in _LIST_NUMBER.finditer(text)}
+    cuts = []
+    for run in _WHITESPACE.finditer(text):
+        begin, end = run.span()
+        if begin == 0 or end == len(text):
+            continue
+        breaks = text.count("\n", begin, end)
+        if breaks:
+            start = text.rindex("\n", begin, end) + 1
+            beside_block = start in block_edges or begin in block_edges
+            rank = _PARAGRAPH if breaks > 1 or beside_block else _LINE
+        else:
+            start = end
+            sentence = text[begin - 1] in _SENTENCE_ENDS and begin not in list_numbers
+            code = in_code is not None and in_code(begin)
+            rank = _SENTENCE if sentence and not code else _SPACE
+        cuts.append(Cut(begin, start, rank))
+    for mark in _CJK_SENTENCE_END.finditer(text):
+        if in_code is None or not in_code(mark.end()):
+            cuts.append(Cut(mark.end(), mark.end(), _SENTENCE))
+    return sorted(cuts, key=lambda cut: cut.end)
+
+
+def best_cut(cuts: Iterable[Cut], size: Callable[[int], int], limit: int) -> Cut | None:
+    """The cut to end a part at, of `cuts` that all fit in it; None when there are none.
+
+    The furthest cut of the best rank wins unless the part it ends (`size(cut.end)`
+    characters long) fills under a third of `limit`: then the furthest of the next rank down
+    that does, and failing all, the best rank's furthest cut.
+    """
+    cuts = list(cuts)
+    enough = limit // 3
+    for floor in (_PARAGRAPH, _LINE, _SENTENCE, _SPACE):
+        best = max((c for c in cuts if c.rank >= floor), key=lambda c: c.end, default=None)
+        if best is not None and size(best.end) >= enough:
+            return best
+    return max(cuts, key=lambda c: (c.rank, c.end), default=None)
+
+
 # -- scanning ---------------------------------------------------------------------------
 
 
@@ -132,7 +191,8 @@ def _scan(text: str, limit: int) -> _Doc:
     newline = "\r\n" if "\r\n" in text else "\n"
     lines = (0, *(m.end() for m in re.finditer("\n", text)))
     doc = _Doc(text, limit, newline, fences, tuple(f.start for f in fences), lines)
-    cuts = tuple(sorted(_find_cuts(doc), key=lambda cut: cut.end))
+    fence_lines = {f.start for f in fences} | {f.closed for f in fences}
+    cuts = tuple(find_cuts(text, fence_lines, lambda pos: _inside_code(doc, pos)))
     return replace(doc, cuts=cuts, cut_ends=tuple(c.end for c in cuts))
 
 
@@ -183,32 +243,6 @@ def _fence(text: str, match: re.Match[str], start: int, body: int, end: int, clo
     )
 
 
-def _find_cuts(doc: _Doc) -> list[_Cut]:
-    """Every soft cut: each run of whitespace, and each CJK sentence end without a space."""
-    text = doc.text
-    list_numbers = {m.end() for m in _LIST_NUMBER.finditer(text)}
-    fence_lines = {f.start for f in doc.fences} | {f.closed for f in doc.fences}
-    cuts = []
-    for run in _WHITESPACE.finditer(text):
-        begin, end = run.span()
-        if begin == 0 or end == len(text):
-            continue
-        breaks = text.count("\n", begin, end)
-        if breaks:
-            start = text.rindex("\n", begin, end) + 1
-            beside_fence = start in fence_lines or begin in fence_lines
-            rank = _PARAGRAPH if breaks > 1 or beside_fence else _LINE
-        else:
-            start = end
-            sentence = text[begin - 1] in _SENTENCE_ENDS and begin not in list_numbers
-            rank = _SENTENCE if sentence and not _inside_code(doc, begin) else _SPACE
-        cuts.append(_Cut(begin, start, rank))
-    for mark in _CJK_SENTENCE_END.finditer(text):
-        if not _inside_code(doc, mark.end()):
-            cuts.append(_Cut(mark.end(), mark.end(), _SENTENCE))
-    return cuts
-
-
 # -- choosing a cut ---------------------------------------------------------------------
 
 
@@ -228,21 +262,16 @@ class _Part:
         return self.prefix + (end - self.pos) + (len(doc.newline) + len(closing) if closing else 0)
 
 
-def _next_cut(doc: _Doc, pos: int, prefix: int) -> _Cut:
+def _next_cut(doc: _Doc, pos: int, prefix: int) -> Cut:
     """Where the part that starts at `pos` ends: the best boundary that fills it enough."""
     part = _Part(doc, pos, prefix, _first_visible(doc.text, pos))
     lo, hi = bisect_right(doc.cut_ends, pos), bisect_right(doc.cut_ends, pos + doc.limit)
     fitting = [c for c in doc.cuts[lo:hi] if part.size(c.end) <= doc.limit]
     usable = [(c, _usable(part, c.end, c.start)) for c in fitting]
     good = [c for c, use in usable if use == _FINE]
-    # A boundary filling under a third of the part gives way to a lesser one that fills more.
-    enough = doc.limit // 3
-    for floor in (_PARAGRAPH, _LINE, _SENTENCE, _SPACE):
-        best = max((c for c in good if c.rank >= floor), key=lambda c: c.end, default=None)
-        if best is not None and part.size(best.end) >= enough:
-            return best
-    if good:
-        return max(good, key=lambda c: (c.rank, c.end))
+    best = best_cut(good, part.size, doc.limit)
+    if best is not None:
+        return best
     poor = [c for c, use in usable if use == _POOR]
     return (
         _hard_cut(part, _FINE)
@@ -273,33 +302,37 @@ def _usable(part: _Part, end: int, start: int) -> int | None:
     return _FINE
 
 
-def _hard_cut(part: _Part, wanted: int) -> _Cut | None:
+def _hard_cut(part: _Part, wanted: int) -> Cut | None:
     """The furthest cut between two characters that fits, kept off graphemes when it can."""
     text, pos = part.doc.text, part.pos
     top = min(len(text) - 1, pos + part.doc.limit - part.prefix)
     for careful, bottom in ((True, max(pos, top - 64)), (False, pos)):
         for end in range(top, bottom, -1):
-            if not _between(text, end, careful) or part.size(end) > part.doc.limit:
+            if not can_cut(text, end, careful) or part.size(end) > part.doc.limit:
                 continue
             use = _usable(part, end, end)
             if use is not None and use >= wanted:
-                return _Cut(end, end, _HARD)
+                return Cut(end, end, _HARD)
     return None
 
 
-def _raw_cut(part: _Part) -> _Cut:
+def _raw_cut(part: _Part) -> Cut:
     # Reached only when a fence line is too long for a part: cut it as plain text.
     text, pos = part.doc.text, part.pos
     end = max(pos + 1, min(len(text) - 1, pos + part.doc.limit - part.prefix))
     while end > pos + 1 and (
-        not _between(text, end, careful=False) or part.size(end) > part.doc.limit
+        not can_cut(text, end, careful=False) or part.size(end) > part.doc.limit
     ):
         end -= 1
-    return _Cut(end, end, _RAW)
+    return Cut(end, end, _RAW)
 
 
-def _between(text: str, pos: int, careful: bool) -> bool:
-    """Whether a cut may fall between text[pos - 1] and text[pos]."""
+def can_cut(text: str, pos: int, careful: bool = True) -> bool:
+    """Whether a cut may fall between text[pos - 1] and text[pos].
+
+    Never inside a `\\r\\n` or a surrogate pair; when `careful`, not inside an emoji sequence,
+    a flag or before a combining mark either.
+    """
     before, after = text[pos - 1], text[pos]
     if (before, after) == ("\r", "\n") or ("\ud800" <= before <= "\udbff" <= after <= "\udfff"):
         return False
