@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from adapters.slack.app import SlackAdapter, SlackConfig
+from adapters.telegram.app import TelegramAdapter, TelegramConfig
 from adapters.web import WebAdapter, WebConfig
 from core.agents import build_service
 from core.agents.base import AgentService
@@ -19,39 +20,35 @@ from core.store import Store
 
 log = logging.getLogger("threadbridge")
 
-COMING = {
-    "discord": "the Discord adapter is not in this version yet",
-    "telegram": "the Telegram adapter is not in this version yet",
-}
+COMING = {"discord": "the Discord adapter is not in this version yet"}
+M = TypeVar("M", bound=BaseModel)
+
+
+def section(config: Config, name: str, model: type[M], readme: str) -> M | None:
+    """The validated platform section `[name]`, or None when the file has none."""
+    raw = config.platform(name)
+    if raw is None:
+        return None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = name + "." + ".".join(str(p) for p in first["loc"])
+        raise ConfigError(config.path, key, first["msg"], f"see the README's {readme}") from None
 
 
 def web_config(config: Config) -> WebConfig | None:
     """The validated `[web]` section, or None when the web chat is off."""
-    section = config.platform("web")
-    if section is None:
-        return None
-    try:
-        web = WebConfig.model_validate(section)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = "web." + ".".join(str(p) for p in first["loc"])
-        raise ConfigError(config.path, key, first["msg"], "see the README's [web] keys") from None
-    return web if web.enabled else None
+    web = section(config, "web", WebConfig, "[web] keys")
+    return web if web is not None and web.enabled else None
 
 
 def slack_config(config: Config) -> SlackConfig | None:
-    """The validated `[slack]` section, or None when there is none."""
-    section = config.platform("slack")
-    if section is None:
-        return None
-    try:
-        return SlackConfig.model_validate(section)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = "slack." + ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            config.path, key, first["msg"], "see the README's Slack section"
-        ) from None
+    return section(config, "slack", SlackConfig, "Slack section")
+
+
+def telegram_config(config: Config) -> TelegramConfig | None:
+    return section(config, "telegram", TelegramConfig, "Telegram section")
 
 
 def check_channels(config: Config) -> dict[str, str]:
@@ -70,6 +67,11 @@ def check_channels(config: Config) -> dict[str, str]:
                 "socket": "on (Socket Mode)",
                 "http": "on (HTTP events at /slack/events)",
             }.get(mode or "", f"off: {slack.why_off()}")
+        elif name == "telegram":
+            telegram = telegram_config(config)
+            assert telegram is not None
+            why = telegram.why_off(config.server.public_url)
+            fate[name] = f"off: {why}" if why else f"on ({telegram.mode})"
         else:
             fate[name] = f"off: {COMING[name]}"
     return fate
@@ -82,6 +84,7 @@ class App:
         self.config = config
         self.web: WebAdapter | None = None
         self.slack: SlackAdapter | None = None
+        self.telegram: TelegramAdapter | None = None
         if adapters is None:
             adapters = []
             web = web_config(config)
@@ -92,6 +95,10 @@ class App:
             if slack is not None and slack.mode() is not None:
                 self.slack = SlackAdapter(slack)
                 adapters.append(self.slack)
+            telegram = telegram_config(config)
+            if telegram is not None and telegram.why_off(config.server.public_url) is None:
+                self.telegram = TelegramAdapter(telegram, config.server.public_url)
+                adapters.append(self.telegram)
         self.adapters = adapters
         self.store = Store(config.store.url, echo=config.store.echo)
         self.router = Router(config, self.store)

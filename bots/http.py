@@ -47,4 +47,12 @@ def create_app(app: App) -> FastAPI:
         async def slack_events(request: Request) -> Response:
             return await slack.handle(request)
 
+    if app.telegram is not None and app.telegram.config.mode == "webhook":
+        telegram = app.telegram
+
+        @api.post("/telegram/webhook", include_in_schema=False)
+        async def telegram_webhook(request: Request) -> Response:
+            status, reason = await telegram.webhook(dict(request.headers), await request.body())
+            return Response(reason, status_code=status, media_type="text/plain")
+
     return api

@@ -17,6 +17,7 @@ from core.tables import (
     InboxRow,
     MessageRow,
     OutboxRow,
+    PostRow,
     RouteRow,
     ThreadLinkRow,
 )
@@ -27,6 +28,7 @@ messages: sa.Table = MessageRow.__table__  # type: ignore[attr-defined]
 routes: sa.Table = RouteRow.__table__  # type: ignore[attr-defined]
 inbox: sa.Table = InboxRow.__table__  # type: ignore[attr-defined]
 outbox: sa.Table = OutboxRow.__table__  # type: ignore[attr-defined]
+posts: sa.Table = PostRow.__table__  # type: ignore[attr-defined]
 
 UNFINISHED = ("pending", "working")
 

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core import sql, sqlite
 from core.model import Conversation, Inbound, ThreadRef
-from core.sql import UNFINISHED, conversations, inbox, links, messages, outbox, routes
+from core.sql import UNFINISHED, conversations, inbox, links, messages, outbox, posts, routes
 from core.tables import utcnow
 
 log = logging.getLogger(__name__)
@@ -497,6 +497,49 @@ class Store:
             return rows[::-1]
         params = {"conversation_id": conversation_id}
         return await self.read(lambda conn: list(conn.execute(sql.all_messages, params)))
+
+    async def remember_posts(self, thread_key: str, keys: Sequence[str]) -> None:
+        """Note which thread the bot's posted messages belong to (see `thread_of_post`)."""
+        if not keys:
+            return
+        rows = [{"key": k, "thread_key": thread_key, "created": utcnow()} for k in keys]
+
+        def job(conn: Connection) -> None:
+            conn.execute(posts.delete().where(posts.c.key.in_(list(keys))))
+            conn.execute(posts.insert(), rows)
+
+        await self.write(job)
+
+    async def thread_of_post(self, key: str) -> str | None:
+        """The thread of a message the bot posted, by its platform key."""
+        statement = sa.select(posts.c.thread_key).where(posts.c.key == key)
+        return await self.read(lambda conn: conn.execute(statement).scalar())
+
+    async def move_threads(self, old_prefix: str, new_prefix: str, channel: str) -> int:
+        """Re-key every thread under `old_prefix` (a chat that got a new id); return how many
+        links moved. Conversations keep their history and continue under the new keys."""
+
+        def moved(column: Any) -> Any:
+            return sa.literal(new_prefix) + sa.func.substr(column, len(old_prefix) + 1)
+
+        def job(conn: Connection) -> int:
+            under = links.c.thread_key.startswith(old_prefix, autoescape=True)
+            count = conn.execute(
+                links.update().where(under).values(thread_key=moved(links.c.thread_key))
+            ).rowcount
+            conn.execute(
+                conversations.update()
+                .where(conversations.c.thread_key.startswith(old_prefix, autoescape=True))
+                .values(thread_key=moved(conversations.c.thread_key), channel=channel)
+            )
+            conn.execute(
+                posts.update()
+                .where(posts.c.thread_key.startswith(old_prefix, autoescape=True))
+                .values(thread_key=moved(posts.c.thread_key))
+            )
+            return int(count or 0)
+
+        return await self.write(job)
 
     async def thread_known(self, thread_key: str) -> bool:
         """Whether the thread is ours: linked to a conversation, or with a message accepted."""

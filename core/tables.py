@@ -54,6 +54,17 @@ class ThreadLinkRow(SQLModel, table=True):
     created: datetime = Field(default_factory=utcnow, sa_type=Stamp)
 
 
+class PostRow(SQLModel, table=True):
+    """A message the bot posted, by platform key, and its thread: a person replying to it
+    continues that thread (Telegram groups, where a thread is a chain of replies)."""
+
+    __tablename__ = "posts"
+
+    key: str = Field(primary_key=True)  # e.g. "telegram:CHAT:MESSAGE_ID"
+    thread_key: str = Field(index=True)
+    created: datetime = Field(default_factory=utcnow, sa_type=Stamp)
+
+
 class MessageRow(SQLModel, table=True):
     """One stored turn: what a person wrote, what the agent said, tool calls and notices."""
 
