@@ -98,6 +98,15 @@ class Reply:
     posted: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool an agent may call: what the service is told about it (`[tools.NAME]`)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON Schema of the arguments (an object)
+
+
 @dataclass(slots=True)
 class ToolCall:
     """A call the agent asked us to run."""

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import warnings
 from collections import OrderedDict
 from datetime import timedelta
@@ -67,6 +68,7 @@ COMMANDS = [
     ("agent", "which agent answers here (admins: /agent NAME to change it)"),
     ("start", "say hello"),
 ]
+SECRET_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what Telegram takes as a secret_token
 MAX_WAIT_S = 30.0  # a 429 asking for longer goes back to the outbox instead of holding a worker
 
 
@@ -99,6 +101,8 @@ class TelegramConfig(BaseModel):
                 return "mode = 'webhook' needs public_url (in [telegram] or [server])"
             if not self.secret("webhook_secret_env"):
                 return f"mode = 'webhook' needs {self.webhook_secret_env} set"
+            if not SECRET_SHAPE.fullmatch(self.secret("webhook_secret_env")):
+                return f"{self.webhook_secret_env} may hold only A-Z a-z 0-9 _ - (1-256 of them)"
         return None
 
 

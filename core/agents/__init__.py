@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from core.agents.base import AgentConfigBase, AgentService
+from core.model import ToolSpec
 
 # service key -> "module:ConfigClass", "module:builder"
 SERVICES: dict[str, tuple[str, str]] = {
@@ -27,7 +28,12 @@ def config_model(service: str) -> type[AgentConfigBase]:
     return model
 
 
-def build_service(name: str, config: AgentConfigBase) -> AgentService:
-    """Make the client of agent `name` from its validated config."""
-    builder: Callable[[str, Any], AgentService] = _load(SERVICES[config.service][1])
-    return builder(name, config)
+def build_service(
+    name: str, config: AgentConfigBase, tools: Sequence[ToolSpec] = ()
+) -> AgentService:
+    """Make the client of agent `name` from its validated config; `tools` are the tools the
+    agent may call (services that take tools send them; others ignore them)."""
+    builder: Callable[[str, Any, Sequence[ToolSpec]], AgentService] = _load(
+        SERVICES[config.service][1]
+    )
+    return builder(name, config, tools)

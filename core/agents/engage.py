@@ -6,6 +6,7 @@ Both speak the same MessageRead list; only `role == "agent"` messages are shown 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -19,7 +20,7 @@ from core.agents.base import (
     env_secret,
 )
 from core.errors import AgentRejected
-from core.model import Conversation, Turn
+from core.model import Conversation, ToolSpec, Turn
 
 
 class EngageConfig(HttpAgentConfig):
@@ -173,8 +174,8 @@ class EngageRuns(HttpAgentService):
         return agent_response(replies, remote_id=remote_id)
 
 
-def build(name: str, config: EngageConfig) -> AgentService:
-    """The client for `config.service`."""
+def build(name: str, config: EngageConfig, tools: Sequence[ToolSpec] = ()) -> AgentService:
+    """The client for `config.service` (Engage agents keep their tools at Engage)."""
     if config.service == "engage-conversations":
         return EngageConversations(name, config)
     return EngageRuns(name, config)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from core.agents.base import AgentConfigBase, AgentResponse
-from core.model import Conversation, Turn
+from core.model import Conversation, ToolSpec, Turn
 
 
 class LocalAgentConfig(AgentConfigBase):
@@ -45,5 +46,5 @@ class LocalAgent:
         return None
 
 
-def build(name: str, config: LocalAgentConfig) -> LocalAgent:
+def build(name: str, config: LocalAgentConfig, tools: Sequence[ToolSpec] = ()) -> LocalAgent:
     return LocalAgent(name, config)
