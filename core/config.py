@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
+import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core import agents
 from core.agents.base import AgentConfigBase
 from core.errors import ConfigError
+from core.tools import ToolConfig, load_target, schema_validator
 
 SOURCES = ("slack", "discord", "telegram", "web", "cli")
 PLATFORMS = ("slack", "discord", "telegram", "web")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATH = Path("config/threadbridge.toml")
 ENV_VAR = "THREADBRIDGE_CONFIG"
+# What every agent service accepts as a function name (OpenAI's rule is the strictest).
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class _Section(BaseModel):
@@ -84,9 +90,10 @@ class Config(_Section):
     telegram: dict[str, Any] | None = None
     web: dict[str, Any] | None = None
 
-    # Filled by load_config: the validated agent models and where the file was.
+    # Filled by load_config: the validated agent and tool models and where the file was.
     path: str = Field(default="<defaults>", exclude=True)
     agent_configs: dict[str, AgentConfigBase] = Field(default_factory=dict, exclude=True)
+    tool_configs: dict[str, ToolConfig] = Field(default_factory=dict, exclude=True)
 
     def platform(self, name: str) -> dict[str, Any] | None:
         section: dict[str, Any] | None = getattr(self, name)
@@ -137,9 +144,12 @@ def parse_config(raw: dict[str, Any], name: str, *, check_secrets: bool = True) 
     config.path = name
     for agent_name, table in config.agents.items():
         config.agent_configs[agent_name] = _agent_config(name, agent_name, table)
+    for tool_name, table in config.tools.items():
+        config.tool_configs[tool_name] = _tool_config(name, tool_name, table)
     _cross_check(config)
     if check_secrets:
         _check_agent_secrets(config)
+        _check_tool_secrets(config)
     return config
 
 
@@ -159,6 +169,77 @@ def _agent_config(file: str, agent_name: str, table: dict[str, Any]) -> AgentCon
         return agents.config_model(service).model_validate(table)
     except ValidationError as exc:
         raise _translate(file, exc, prefix=key) from None
+
+
+def _tool_config(file: str, tool_name: str, table: dict[str, Any]) -> ToolConfig:
+    key = f"tools.{tool_name}"
+    if not TOOL_NAME.fullmatch(tool_name):
+        raise ConfigError(
+            file,
+            key,
+            "agent services take tool names of 1-64 letters, digits, '_' and '-' only",
+            "rename the table, and the agents' tools lists that name it",
+        )
+    try:
+        tool = ToolConfig.model_validate(table)
+    except ValidationError as exc:
+        raise _translate(file, exc, prefix=key) from None
+    if (tool.url is None) == (tool.python is None):
+        raise ConfigError(
+            file,
+            key,
+            "a tool needs exactly one of url and python",
+            'set url = "https://…" (an HTTP tool) or python = "package.module:function"',
+        )
+    if tool.url is not None:
+        _check_tool_url(file, f"{key}.url", tool.url)
+    if tool.python is not None:
+        _check_tool_target(file, f"{key}.python", tool.python)
+    _check_tool_schema(file, f"{key}.arguments", tool.arguments)
+    return tool
+
+
+def _check_tool_url(file: str, key: str, url: str) -> None:
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL:
+        scheme = ""
+    if scheme not in ("http", "https"):
+        raise ConfigError(file, key, f"not an http(s) URL: {url!r}", 'use "http://host/path"')
+
+
+def _check_tool_target(file: str, key: str, target: str) -> None:
+    fix = 'use "package.module:function", importable from where threadbridge runs'
+    try:
+        load_target(target)
+    except ValueError as exc:
+        raise ConfigError(file, key, str(exc), fix) from None
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(file, key, f"cannot import {target!r}: {exc}", fix) from None
+    except Exception as exc:  # the module itself failed while loading
+        raise ConfigError(
+            file, key, f"importing {target!r} raised {type(exc).__name__}", fix
+        ) from None
+
+
+def _check_tool_schema(file: str, key: str, schema: dict[str, Any]) -> None:
+    try:
+        schema_validator(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(part) for part in exc.path)
+        raise ConfigError(
+            file,
+            key,
+            f"not a valid JSON Schema: {exc.message}" + (f" (at {where})" if where else ""),
+            "see https://json-schema.org/understanding-json-schema/",
+        ) from None
+    if schema.get("type") != "object":
+        raise ConfigError(
+            file,
+            key,
+            "the arguments must be an object (agents send them as named values)",
+            'set type = "object" and list the arguments under properties',
+        )
 
 
 def _cross_check(config: Config) -> None:
@@ -187,6 +268,16 @@ def _cross_check(config: Config) -> None:
                 "a channel route needs its workspace",
                 "add workspace = the team id (Slack) or guild id (Discord)",
             )
+    tools = ", ".join(sorted(config.tool_configs)) or "(none defined)"
+    for agent_name, agent in config.agent_configs.items():
+        for tool_name in agent.tools:
+            if tool_name not in config.tool_configs:
+                raise ConfigError(
+                    file,
+                    f"agents.{agent_name}.tools",
+                    f"unknown tool {tool_name!r}",
+                    f"define [tools.{tool_name}] or use one of: {tools}",
+                )
     scopes = [(r.source, r.workspace, r.channel) for r in config.routes]
     for index, scope in enumerate(scopes):
         if scope in scopes[:index]:
@@ -208,6 +299,17 @@ def _check_agent_secrets(config: Config) -> None:
                     f"environment variable {value} is not set",
                     f"export {value}=… before starting (secrets never go in the file)",
                 )
+
+
+def _check_tool_secrets(config: Config) -> None:
+    for tool_name, tool in config.tool_configs.items():
+        if tool.auth_env and not os.environ.get(tool.auth_env):
+            raise ConfigError(
+                config.path,
+                f"tools.{tool_name}.auth_env",
+                f"environment variable {tool.auth_env} is not set",
+                f"export {tool.auth_env}=… before starting (secrets never go in the file)",
+            )
 
 
 def _translate(file: str, exc: ValidationError, prefix: str = "") -> ConfigError:

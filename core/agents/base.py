@@ -71,6 +71,9 @@ class AgentConfigBase(BaseModel):
     memory: int = Field(
         default=50, ge=1, description="turns of history a stateless service is sent"
     )
+    tools: list[str] = Field(
+        default_factory=list, description="names of the [tools.NAME] the agent may call"
+    )
 
 
 class HttpAgentConfig(AgentConfigBase):
