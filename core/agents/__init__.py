@@ -14,6 +14,10 @@ SERVICES: dict[str, tuple[str, str]] = {
     "local": ("core.agents.local:LocalAgentConfig", "core.agents.local:build"),
     "engage-conversations": ("core.agents.engage:EngageConfig", "core.agents.engage:build"),
     "engage-runs": ("core.agents.engage:EngageConfig", "core.agents.engage:build"),
+    "sessions": ("core.agents.sessions:SessionsConfig", "core.agents.sessions:build"),
+    "execute": ("core.agents.execute:ExecuteConfig", "core.agents.execute:build"),
+    "rowboat": ("core.agents.rowboat:RowboatConfig", "core.agents.rowboat:build"),
+    "openai": ("core.agents.openai:OpenAIConfig", "core.agents.openai:build"),
 }
 
 

@@ -9,6 +9,10 @@ from typing import Any
 # name -> "module:factory"; each factory takes keyword options and returns an ASGI app.
 EMULATORS: dict[str, str] = {
     "engage": "core.agents.emulators.engage:create_app",
+    "sessions": "core.agents.emulators.sessions:create_app",
+    "execute": "core.agents.emulators.execute:create_app",
+    "rowboat": "core.agents.emulators.rowboat:create_app",
+    "openai": "core.agents.emulators.openai:create_app",
 }
 
 
