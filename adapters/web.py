@@ -10,6 +10,7 @@ Each browser tab keeps its own thread id, so each tab is its own conversation.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -102,7 +103,8 @@ class WebAdapter:
     def __init__(self, config: WebConfig | None = None) -> None:
         self.config = config or WebConfig()
         self.bridge: Bridge | None = None
-        self._streams: dict[str, set[asyncio.Queue[str]]] = defaultdict(set)
+        # thread -> the open event streams' queues of (event, JSON data)
+        self._streams: dict[str, set[asyncio.Queue[tuple[str, str]]]] = defaultdict(set)
 
     async def start(self, bridge: Bridge) -> None:
         self.bridge = bridge
@@ -115,7 +117,7 @@ class WebAdapter:
         """End every open event stream (the page reconnects to the next server)."""
         for queues in self._streams.values():
             for queue in queues:
-                queue.put_nowait("bye")
+                queue.put_nowait(("bye", "{}"))
 
     async def post(self, reply: Reply) -> list[str]:
         self._publish(reply.thread.thread, "changed")
@@ -124,13 +126,17 @@ class WebAdapter:
     async def show_working(self, thread: ThreadRef) -> None:
         self._publish(thread.thread, "working")
 
+    async def draft(self, thread: ThreadRef, text: str) -> None:
+        """The answer so far, while a streaming agent writes it (the page shows it live)."""
+        self._publish(thread.thread, "draft", json.dumps({"text": text}))
+
     async def _on_bridge(self, thread_key: str, what: str) -> None:
         if thread_key.startswith(f"{SOURCE}:"):
             self._publish(ThreadRef.parse(thread_key).thread, "changed")
 
-    def _publish(self, thread: str, event: str) -> None:
+    def _publish(self, thread: str, event: str, data: str = "{}") -> None:
         for queue in self._streams.get(thread, ()):
-            queue.put_nowait(event)
+            queue.put_nowait((event, data))
 
     def routes(self) -> APIRouter:
         """The page and the chat API, to mount in the app."""
@@ -179,19 +185,19 @@ class WebAdapter:
         return out
 
     async def _stream(self, thread: str, request: Request) -> AsyncIterator[str]:
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._streams[thread].add(queue)
         try:
             yield "retry: 2000\n\n"
             while not await request.is_disconnected():
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=15)
+                    event, data = await asyncio.wait_for(queue.get(), timeout=15)
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
                 if event == "bye":
                     return
-                yield f"event: {event}\ndata: {{}}\n\n"
+                yield f"event: {event}\ndata: {data}\n\n"
         finally:
             self._streams[thread].discard(queue)
             if not self._streams[thread]:

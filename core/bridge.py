@@ -15,13 +15,21 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from core.agents.base import AgentService
+from core.agents.base import AgentResponse, AgentService, StreamingService
 from core.config import Config
-from core.errors import AgentServiceError, MessageRejected, PlatformRejected, PlatformRetryable
+from core.errors import (
+    AgentServiceError,
+    AgentUnavailable,
+    MessageRejected,
+    PlatformRejected,
+    PlatformRetryable,
+)
 from core.model import Conversation, Inbound, Reply, ReplyKind, ThreadRef, ToolCall, Turn
 from core.routing import Router
 from core.store import Claim, ClaimLost, NewMessage, Store
@@ -51,6 +59,14 @@ class ChannelAdapter(Protocol):
     async def show_working(self, thread: ThreadRef) -> None:
         """Show that the agent is working on the thread (typing, a status line)."""
         ...
+
+
+class DraftingAdapter(ChannelAdapter, Protocol):
+    """A channel that can show an answer while it is being written (a streaming agent): `draft`
+    shows the text so far in the thread, and the next `post` there turns the draft into the
+    answer instead of posting it again."""
+
+    async def draft(self, thread: ThreadRef, text: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +352,7 @@ class Bridge:
         produced: list[NewMessage] = []
         steps = 0
         while True:
-            response = await service.respond(conversation, history, new)
+            response = await self._respond(service, conversation, history, new, inbound.thread)
             if response.remote_id:
                 conversation.remote_id = response.remote_id
             if response.state is not None:
@@ -367,6 +383,39 @@ class Bridge:
                 produced.append(_stored(result, post=False))
             history = [*history, *new, *response.turns]
             new = results
+
+    async def _respond(
+        self,
+        service: AgentService,
+        conversation: Conversation,
+        history: list[Turn],
+        new: list[Turn],
+        thread: ThreadRef,
+    ) -> AgentResponse:
+        """One call to the agent; a streaming one shows its text in the thread as it grows,
+        at most once every `draft_every_s`."""
+        adapter = self.adapters.get(thread.source)
+        if not (
+            getattr(service, "streaming", False)
+            and hasattr(service, "stream")
+            and hasattr(adapter, "draft")
+        ):
+            return await service.respond(conversation, history, new)
+        streaming = cast(StreamingService, service)
+        drafting = cast(DraftingAdapter, adapter)
+        shown, at, every = "", 0.0, self.settings.draft_every_s
+        async with aclosing(streaming.stream(conversation, history, new)) as events:
+            async for event in events:
+                if event.response is not None:
+                    return event.response
+                now = time.monotonic()
+                if event.text.strip() and event.text != shown and now - at >= every:
+                    shown, at = event.text, now
+                    try:
+                        await drafting.draft(thread, event.text)
+                    except Exception as exc:  # a draft is a courtesy; the answer still comes
+                        log.debug("draft in %s failed: %s", thread.key, exc)
+        raise AgentUnavailable(f"agent {conversation.agent!r}: the stream ended without an answer")
 
     async def _run_tool(self, agent: str, call: ToolCall) -> Turn:
         try:

@@ -55,6 +55,9 @@ class BridgeConfig(_Section):
         default=0.5, gt=0, description="how often to look for work from other processes"
     )
     max_tool_steps: int = Field(default=8, ge=1, description="tool rounds before the turn stops")
+    draft_every_s: float = Field(
+        default=1.0, ge=0.2, description="a streamed answer's message is edited at most this often"
+    )
     max_attempts: int = Field(default=5, ge=1, description="tries of a turn that keeps crashing")
     post_retries: int = Field(
         default=8, ge=0, description="attempts to post a reply before giving up"

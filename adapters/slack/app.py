@@ -343,9 +343,24 @@ class SlackAdapter:
             # so `post` always learns the placeholder's ts and never leaves one behind.
             await asyncio.shield(placeholder)
 
-    async def _post_placeholder(self, thread: ThreadRef) -> str:
-        answer = await self.client.chat_postMessage(**post_args(thread, self.config.working_text))
+    async def _post_placeholder(self, thread: ThreadRef, text: str | None = None) -> str:
+        answer = await self.client.chat_postMessage(
+            **post_args(thread, text or self.config.working_text)
+        )
         return str(answer["ts"])
+
+    async def draft(self, thread: ThreadRef, text: str) -> None:
+        """A streaming agent's answer so far, in the placeholder (posted now if need be)."""
+        parts = split_text(to_mrkdwn(text), self.config.max_chars)
+        shown = parts[0] + (" …" if len(parts) > 1 else "")
+        task = self._placeholders.get(thread.key)
+        if task is None:
+            task = asyncio.create_task(self._post_placeholder(thread, shown))
+            self._placeholders[thread.key] = task
+            await asyncio.shield(task)
+            return
+        ts = await asyncio.shield(task)
+        await self.client.chat_update(channel=thread.channel, ts=ts, text=shown)
 
     async def _take_placeholder(self, thread: ThreadRef) -> str | None:
         task = self._placeholders.pop(thread.key, None)

@@ -130,6 +130,7 @@ class TelegramAdapter:
         self._overall = Pacer(30 if config.post_rate_per_chat else 0, 30)
         self._poller: asyncio.Task[None] | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()  # commands answered, by event id
+        self._drafts: dict[str, int] = {}  # thread key -> the message a streamed answer grows in
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -335,8 +336,12 @@ class TelegramAdapter:
         chat = int(thread.channel)
         quote = _quote(reply)
         posted: list[str] = []
+        draft = self._drafts.pop(thread.key, None) if not reply.posted else None
         try:
-            for part in parts[len(reply.posted) :]:
+            if draft is not None:  # the streamed answer's message becomes its first part
+                await self._edit(chat, draft, parts[0])
+                posted.append(str(draft))
+            for part in parts[len(reply.posted) + len(posted) :]:
                 await self._pace(chat)
                 message = await self._send(thread, chat, part, quote)
                 if message.chat_id != chat:  # the group became a supergroup on the way
@@ -356,6 +361,41 @@ class TelegramAdapter:
             await self.bridge.new_conversation(thread)
             raise PlatformRejected(f"telegram: {exc.message}; the thread is closed") from exc
         return posted
+
+    async def draft(self, thread: ThreadRef, text: str) -> None:
+        """A streaming agent's answer so far: sent once, then edited as it grows."""
+        shown = split_html(to_html(text), self.config.max_chars)[0]
+        chat = int(thread.channel)
+        message_id = self._drafts.get(thread.key)
+        if message_id is None:
+            await self._pace(chat)
+            message = await self._send(thread, chat, shown, None)
+            self._drafts[thread.key] = message.message_id
+        else:
+            await self._edit(chat, message_id, shown)
+
+    async def _edit(self, chat: int, message_id: int, html: str) -> None:
+        """Replace a message's text (plain if the HTML is refused; no change is no error)."""
+        for parse_mode in (ParseMode.HTML, None):
+            try:
+                await self.bot.edit_message_text(
+                    html if parse_mode else plain(html),
+                    chat_id=chat,
+                    message_id=message_id,
+                    parse_mode=parse_mode,
+                    link_preview_options=LinkPreviewOptions(is_disabled=True),
+                )
+                return
+            except BadRequest as exc:
+                reason = exc.message.lower()
+                if "not modified" in reason:
+                    return
+                if parse_mode is None or "can't parse entities" not in reason:
+                    raise PlatformRetryable(f"telegram: {exc.message}") from exc
+            except RetryAfter as exc:
+                raise PlatformRetryable(f"telegram: {exc}", retry_after=_wait_of(exc)) from exc
+            except (NetworkError, TelegramError) as exc:
+                raise PlatformRetryable(f"telegram: {exc}") from exc
 
     async def _pace(self, chat: int) -> None:
         await self._overall.wait("all")

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +42,18 @@ class AgentResponse:
         return [t.content for t in self.turns if t.role == "agent" and not t.hidden and t.content]
 
 
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One step of a streamed reply: the text so far, and on the last event the whole answer."""
+
+    text: str
+    response: AgentResponse | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None
+
+
 class AgentService(Protocol):
     """An agent platform the bridge can talk to."""
 
@@ -59,6 +72,18 @@ class AgentService(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+        ...
+
+
+class StreamingService(AgentService, Protocol):
+    """A service that can also stream its answer as it is written (`streaming` is on)."""
+
+    streaming: bool
+
+    def stream(
+        self, conversation: Conversation, history: list[Turn], new: list[Turn]
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Events with the text so far; the last one carries the whole AgentResponse."""
         ...
 
 

@@ -23,6 +23,7 @@ from core.agents.base import (
     AgentResponse,
     HttpAgentConfig,
     HttpAgentService,
+    StreamEvent,
     env_secret,
 )
 from core.errors import AgentRejected, AgentUnavailable
@@ -49,18 +50,6 @@ class OpenAIConfig(HttpAgentConfig):
     send_names: bool = Field(
         default=True, description="send each user's name (as OpenAI's `name`, sanitised)"
     )
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEvent:
-    """One step of a streamed reply: the text so far, and on the last event the whole answer."""
-
-    text: str
-    response: AgentResponse | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.response is not None
 
 
 class _StreamOpened(Exception):

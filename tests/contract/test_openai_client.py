@@ -16,8 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from core.agents import build_service, config_model, emulators
+from core.agents.base import StreamEvent
 from core.agents.emulators.openai import create_app
-from core.agents.openai import OpenAIAgent, OpenAIConfig, StreamEvent, build, chat_messages
+from core.agents.openai import OpenAIAgent, OpenAIConfig, build, chat_messages
 from core.bridge import Bridge
 from core.errors import AgentRejected, AgentUnavailable
 from core.model import Conversation, ToolCall, ToolSpec, Turn
