@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from adapters.discord.app import DiscordAdapter, DiscordConfig
 from adapters.slack.app import SlackAdapter, SlackConfig
 from adapters.telegram.app import TelegramAdapter, TelegramConfig
 from adapters.web import WebAdapter, WebConfig
@@ -17,10 +18,10 @@ from core.config import PLATFORMS, Config
 from core.errors import ConfigError
 from core.routing import Router
 from core.store import Store
+from core.tools import ConfiguredTools
 
 log = logging.getLogger("threadbridge")
 
-COMING = {"discord": "the Discord adapter is not in this version yet"}
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -45,6 +46,10 @@ def web_config(config: Config) -> WebConfig | None:
 
 def slack_config(config: Config) -> SlackConfig | None:
     return section(config, "slack", SlackConfig, "Slack section")
+
+
+def discord_config(config: Config) -> DiscordConfig | None:
+    return section(config, "discord", DiscordConfig, "Discord section")
 
 
 def telegram_config(config: Config) -> TelegramConfig | None:
@@ -72,8 +77,11 @@ def check_channels(config: Config) -> dict[str, str]:
             assert telegram is not None
             why = telegram.why_off(config.server.public_url)
             fate[name] = f"off: {why}" if why else f"on ({telegram.mode})"
-        else:
-            fate[name] = f"off: {COMING[name]}"
+        elif name == "discord":
+            discord = discord_config(config)
+            assert discord is not None
+            why = discord.why_off()
+            fate[name] = f"off: {why}" if why else "on (gateway)"
     return fate
 
 
@@ -85,6 +93,7 @@ class App:
         self.web: WebAdapter | None = None
         self.slack: SlackAdapter | None = None
         self.telegram: TelegramAdapter | None = None
+        self.discord: DiscordAdapter | None = None
         if adapters is None:
             adapters = []
             web = web_config(config)
@@ -99,19 +108,25 @@ class App:
             if telegram is not None and telegram.why_off(config.server.public_url) is None:
                 self.telegram = TelegramAdapter(telegram, config.server.public_url)
                 adapters.append(self.telegram)
+            discord = discord_config(config)
+            if discord is not None and discord.why_off() is None:
+                self.discord = DiscordAdapter(discord)
+                adapters.append(self.discord)
         self.adapters = adapters
         self.store = Store(config.store.url, echo=config.store.echo)
         self.router = Router(config, self.store)
         self.services: dict[str, AgentService] = {}
+        self.tools = ConfiguredTools(config)  # no I/O until a tool runs
         self.bridge: Bridge | None = None
         self.start_error: str | None = None  # why start() failed, for the CLI to say
 
     async def start(self) -> Bridge:
         await self.store.migrate()
         self.services = {
-            name: build_service(name, agent) for name, agent in self.config.agent_configs.items()
+            name: build_service(name, agent, self.tools.specs_for(name))
+            for name, agent in self.config.agent_configs.items()
         }
-        self.bridge = Bridge(self.config, self.store, self.router, self.services)
+        self.bridge = Bridge(self.config, self.store, self.router, self.services, tools=self.tools)
         for adapter in self.adapters:
             self.bridge.add_adapter(adapter)
         await self.bridge.start()
@@ -142,6 +157,7 @@ class App:
             await self.bridge.stop(deadline_s)
         for service in self.services.values():
             await service.aclose()
+        await self.tools.aclose()
         await self.store.close()
 
     def health(self) -> dict[str, Any]:

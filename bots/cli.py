@@ -391,7 +391,8 @@ def db_upgrade(config: ConfigOpt = None) -> None:
 @config_cli.command("check")
 def config_check(config: ConfigOpt = None) -> None:
     """Validate the config file, its secrets and its routes; exit 2 on any problem."""
-    from bots.app import check_channels
+    from adapters.discord.app import invite_url
+    from bots.app import check_channels, discord_config
 
     cfg = load(config)
     try:
@@ -403,6 +404,9 @@ def config_check(config: ConfigOpt = None) -> None:
     typer.echo(f"  default agent: {cfg.default_agent}; routes: {len(cfg.routes)}")
     for name, fate in channels.items():
         typer.echo(f"  channel {name}: {fate}")
+    discord = discord_config(cfg)
+    if discord is not None and discord.application_id:
+        typer.echo(f"  discord invite: {invite_url(discord.application_id)}")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:

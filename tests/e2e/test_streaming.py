@@ -1,8 +1,9 @@
-"""A streaming agent's answer grows in the thread: the web chat live, Slack and Telegram by
-editing one message, at most once a second, finished with the whole answer."""
+"""A streaming agent's answer grows in the thread: the web chat live; Slack, Telegram and
+Discord by editing one message, at most once a second, finished with the whole answer."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -16,6 +17,8 @@ import pytest
 from core.agents.emulators.openai import create_app
 from tests.e2e.serve import ServeProcess
 from tests.e2e.test_slack import MENTION, SECRET, deliver, wait_texts
+from tests.fakes.discord import BOT_TOKEN as DISCORD_TOKEN
+from tests.fakes.discord import FakeDiscord, fake_discord
 from tests.fakes.slack import BOT_TOKEN as SLACK_TOKEN
 from tests.fakes.slack import FakeSlack, app_mention, fake_slack
 from tests.fakes.telegram import BOT_TOKEN as TELEGRAM_TOKEN
@@ -27,6 +30,9 @@ pytestmark = pytest.mark.e2e
 LONG = " ".join(f"word{i}" for i in range(40))  # the emulator streams word by word
 
 
+Everything = tuple[ServeProcess, FakeSlack, FakeTelegram, FakeDiscord]
+
+
 @pytest.fixture(scope="module")
 def model() -> Iterator[str]:
     with run_asgi(create_app(api_keys={"k"}, latency_s=3.0)) as url:
@@ -34,10 +40,8 @@ def model() -> Iterator[str]:
 
 
 @pytest.fixture
-def everything(
-    tmp_path: Path, model: str
-) -> Iterator[tuple[ServeProcess, FakeSlack, FakeTelegram]]:
-    with fake_slack() as slack, fake_telegram() as tg:
+def everything(tmp_path: Path, model: str) -> Iterator[Everything]:
+    with fake_slack() as slack, fake_telegram() as tg, fake_discord() as dc:
         config = f"""
 default_agent = "gpt"
 
@@ -63,25 +67,31 @@ api_base_url = "{slack.base_url}"
 [telegram]
 api_base_url = "{tg.base_url}"
 poll_timeout_s = 2
+
+[discord]
+api_base_url = "{dc.api_base_url}"
+gateway_url = "{dc.gateway_url}"
+guild_ready_timeout_s = 0.1
 """
         env = {
             "OPENAI_TEST_KEY": "k",
             "SLACK_BOT_TOKEN": SLACK_TOKEN,
             "SLACK_SIGNING_SECRET": SECRET,
             "TELEGRAM_BOT_TOKEN": TELEGRAM_TOKEN,
+            "DISCORD_BOT_TOKEN": DISCORD_TOKEN,
         }
         process = ServeProcess(tmp_path, config, env=env)
         process.start()
         try:
-            yield process, slack, tg
+            yield process, slack, tg, dc
         finally:
             process.stop()
 
 
 def test_the_web_chat_shows_the_answer_as_it_grows(
-    everything: tuple[ServeProcess, FakeSlack, FakeTelegram],
+    everything: Everything,
 ) -> None:
-    serve, _, _ = everything
+    serve, _, _, _ = everything
     drafts: list[str] = []
 
     def listen() -> None:
@@ -110,9 +120,9 @@ def test_the_web_chat_shows_the_answer_as_it_grows(
 
 
 def test_slack_edits_the_placeholder_as_the_answer_grows(
-    everything: tuple[ServeProcess, FakeSlack, FakeTelegram],
+    everything: Everything,
 ) -> None:
-    serve, slack, _ = everything
+    serve, slack, _, _ = everything
     root = app_mention(f"{MENTION} {LONG}")
     deliver(serve, root)
     [answer] = wait_texts(slack, "C0001", root["ts"], 1, timeout=30)
@@ -129,9 +139,9 @@ def test_slack_edits_the_placeholder_as_the_answer_grows(
 
 
 def test_telegram_edits_one_message_as_the_answer_grows(
-    everything: tuple[ServeProcess, FakeSlack, FakeTelegram],
+    everything: Everything,
 ) -> None:
-    _, _, tg = everything
+    _, _, tg, _ = everything
     tg.queue_update(tg.private_message(LONG))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -143,3 +153,19 @@ def test_telegram_edits_one_message_as_the_answer_grows(
     assert str(answer["message"]["text"]).endswith("word39")
     assert len(tg.calls_to("editMessageText")) >= 1
     assert len(tg.calls_to("sendMessage")) == 1
+
+
+def test_discord_edits_one_message_as_the_answer_grows(everything: Everything) -> None:
+    _, _, _, dc = everything
+    message = dc.guild_message(LONG)
+    asyncio.run(dc.dispatch("MESSAGE_CREATE", message))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = dc.messages(message["id"])
+        if found and found[0]["content"].endswith("word39"):
+            break
+        time.sleep(0.1)
+    [answer] = dc.messages(message["id"])
+    assert answer["content"].endswith("word39")
+    assert dc.calls_to("PATCH", r".*/channels/\d+/messages/\d+")
+    assert len(dc.calls_to("POST", r".*/channels/\d+/messages")) == 1
