@@ -18,7 +18,7 @@ serve: install
 	$(BIN)/threadbridge serve
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
 bench: install
 	$(BIN)/python -m pytest -q -s tests/bench -p no:cacheprovider --override-ini="addopts="

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
 
 from adapters.discord.app import DiscordAdapter, DiscordConfig
@@ -21,6 +23,7 @@ from core.store import Store
 from core.tools import ConfiguredTools
 
 log = logging.getLogger("threadbridge")
+READY_TIMEOUT_S = 2.0  # how long /readyz waits for the store and for each channel's check
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -85,6 +88,23 @@ def check_channels(config: Config) -> dict[str, str]:
     return fate
 
 
+def check_admin_exposure(config: Config, host: str) -> None:
+    """Refuse to listen beyond this machine while no admin token guards the admin API."""
+    from bots.admin.session import is_loopback
+
+    if config.admin_token() or is_loopback(host):
+        return
+    env = config.admin.token_env
+    raise ConfigError(
+        config.path,
+        "admin.token_env",
+        f"no admin token is set (${env} is empty), and the server would listen on {host}, "
+        "beyond this machine: the admin API and pages need a token there",
+        f"set {env} (the variable [admin] token_env names) to a long random secret, "
+        "or listen on 127.0.0.1 ([server] host, or --host 127.0.0.1)",
+    )
+
+
 class App:
     """Everything `threadbridge serve` runs, started and stopped in order."""
 
@@ -119,6 +139,8 @@ class App:
         self.tools = ConfiguredTools(config)  # no I/O until a tool runs
         self.bridge: Bridge | None = None
         self.start_error: str | None = None  # why start() failed, for the CLI to say
+        self.stopping = False
+        self._unready: list[str] = []  # what the last readiness check found not ready
 
     async def start(self) -> Bridge:
         await self.store.migrate()
@@ -143,6 +165,7 @@ class App:
 
     def draining(self) -> None:
         """A stop was asked for: end long-lived requests so the server can close."""
+        self.stopping = True  # /readyz says so, and load balancers stop sending work here
         if self.web is not None:
             self.web.close_streams()
 
@@ -162,3 +185,48 @@ class App:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "channels": [a.source for a in self.adapters]}
+
+    async def ready(self, timeout_s: float = READY_TIMEOUT_S) -> dict[str, str]:
+        """Each check ("bridge", "store", then each channel) and "ok" or why it is not ready:
+        the store must answer a trivial query within `timeout_s`, every channel be connected."""
+        names = ["store", *(a.source for a in self.adapters)]
+        found = await asyncio.gather(
+            self._store_ready(timeout_s), *(_channel_ready(a, timeout_s) for a in self.adapters)
+        )
+        checks = {"bridge": "ok"}
+        if self.bridge is None or self.stopping:
+            checks["bridge"] = "shutting down" if self.stopping else "not started"
+        checks.update({name: why or "ok" for name, why in zip(names, found, strict=True)})
+        unready = [name for name, why in checks.items() if why != "ok"]
+        if unready != self._unready:
+            if unready:
+                log.warning("not ready: %s", "; ".join(f"{n}: {checks[n]}" for n in unready))
+            else:
+                log.info("ready again")
+            self._unready = unready
+        return checks
+
+    async def _store_ready(self, timeout_s: float) -> str | None:
+        try:
+            await asyncio.wait_for(self.store.read(_ping), timeout_s)
+        except TimeoutError:
+            return f"no answer within {timeout_s:g} s"
+        except Exception as exc:  # the class only: a driver's message may hold the address
+            return f"unavailable ({type(exc).__name__})"
+        return None
+
+
+def _ping(conn: Any) -> Any:
+    return conn.execute(sa.text("SELECT 1")).scalar()
+
+
+async def _channel_ready(adapter: ChannelAdapter, timeout_s: float) -> str | None:
+    """A channel's own answer to `why_not_ready()` (one without it, the web chat, is ready)."""
+    probe = getattr(adapter, "why_not_ready", None)
+    if probe is None:
+        return None
+    try:
+        why: str | None = await asyncio.wait_for(probe(), timeout_s)
+    except Exception as exc:
+        return f"the check failed ({type(exc).__name__})"
+    return why

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -56,15 +57,33 @@ def load(path: str | None, *, check_secrets: bool = True) -> Config:
         raise fail(str(exc)) from None
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Log to stderr as text lines, or as one JSON object per line with the `trace_id` of the
+    message being handled (core/logs.py)."""
+    from core.logs import TEXT_FORMAT, JsonFormatter, TraceFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TraceFilter())
+    json_lines = log_format == LogFormat.json
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(json_lines)  # a library's warning is a JSON line too
     # Request URLs can carry tokens (Telegram puts the bot token in the path): keep them out.
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _say(text: str, json_logs: bool) -> None:
+    """A line for the operator on stderr: plain, or as a log record when logs are JSON lines."""
+    if json_logs:
+        logging.getLogger("threadbridge").info(text)
+    else:
+        typer.echo(text, err=True)
 
 
 class _Server(uvicorn.Server):
@@ -72,6 +91,7 @@ class _Server(uvicorn.Server):
 
     label = "threadbridge"
     on_exit: Any = None  # called (in the loop) as soon as a stop signal arrives
+    json_logs = False  # say where it listens as a log line, not as plain text
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Open event streams would hold up the shutdown until uvicorn's timeout: end them first.
@@ -84,7 +104,7 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.servers:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            typer.echo(f"{self.label}: serving on http://{host}:{port}", err=True)
+            _say(f"{self.label}: serving on http://{host}:{port}", self.json_logs)
 
 
 @cli.command()
@@ -93,15 +113,25 @@ def serve(
     host: Annotated[str | None, typer.Option(help="override [server] host")] = None,
     port: Annotated[int | None, typer.Option(help="override [server] port (0: any free)")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            envvar="THREADBRIDGE_LOG_FORMAT",
+            show_envvar=True,
+            help="text, or json: one JSON object per line with a trace_id",
+        ),
+    ] = LogFormat.text,
 ) -> None:
     """Run the bridge: the channels in the config, the web chat, the admin API."""
-    from bots.app import App, check_channels
+    from bots.app import App, check_admin_exposure, check_channels
     from bots.http import create_app
 
-    setup_logging(log_level.upper())
+    setup_logging(log_level.upper(), log_format)
+    json_logs = log_format == LogFormat.json
     cfg = load(config)
     try:
         check_channels(cfg)
+        check_admin_exposure(cfg, host or cfg.server.host)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     app = App(cfg)
@@ -113,20 +143,26 @@ def serve(
             log_level=log_level.lower(),
             lifespan="on",
             timeout_graceful_shutdown=15,
+            # With JSON logs, uvicorn's own go through our handler too.
+            log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
         )
     )
     server.on_exit = app.draining
+    server.json_logs = json_logs
     # A start that fails for a reason we name (a refused token…) is said once, plainly.
     logging.getLogger("uvicorn.error").addFilter(
         lambda record: app.start_error is None or record.levelno < logging.ERROR
     )
-    typer.echo(f"threadbridge: config {cfg.path}, store {_safe_url(cfg.store.url)}", err=True)
+    _say(f"threadbridge: config {cfg.path}, store {_safe_url(cfg.store.url)}", json_logs)
     try:
         server.run()
     except SystemExit:  # uvicorn exits at once when the start fails
         if app.start_error is None:
             raise
     if app.start_error is not None:
+        if json_logs:
+            logging.getLogger("threadbridge").error(app.start_error)
+            raise typer.Exit(1)
         raise fail(app.start_error, code=1)
     if not server.started:
         raise typer.Exit(1)
@@ -174,20 +210,82 @@ def chat(
         raise typer.Exit(130) from None
 
 
+SourceOpt = Annotated[str | None, typer.Option(help="slack, discord, telegram, web, cli")]
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option("--data", help="KEY=VALUE: the conversation's data[KEY] is VALUE (repeatable)"),
+]
+SinceOpt = Annotated[datetime | None, typer.Option(help="created at or after (ISO date/time)")]
+UntilOpt = Annotated[datetime | None, typer.Option(help="created before (ISO date/time)")]
+ByOpt = Annotated[
+    str | None, typer.Option("--by", help="who makes the change, for the audit log [cli:$USER]")
+]
+
+
+def _filters(**given: Any) -> Any:
+    """The search filters, or the reason one is wrong and exit code 2."""
+    from core.search import FilterError, search_filters
+
+    try:
+        return search_filters(**given)
+    except FilterError as exc:
+        raise fail(f"--{exc.param}: {exc.reason}") from None
+
+
+def _by(name: str | None) -> str:
+    if name:
+        return name
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment
+        return "cli"
+
+
+def _run_admin(cfg: Config, work: Any) -> Any:
+    """Run `work(admin)` against the configured store; refused changes exit with a reason."""
+    from bots.admin.actions import Admin, AdminError
+    from core.routing import Router
+    from core.store import Store
+
+    async def run() -> Any:
+        store = Store(cfg.store.url)
+        try:
+            await store.migrate()
+            admin = Admin(cfg, store, Router(cfg, store))
+            try:
+                return await work(admin)
+            finally:
+                await admin.aclose()
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except AdminError as exc:
+        raise fail(str(exc), code=1 if exc.status in (404, 502) else 2) from None
+
+
+def _echo_json(body: Any) -> None:
+    typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+
+
 @conversations_cli.command("search")
 def conversations_search(
     config: ConfigOpt = None,
-    source: Annotated[str | None, typer.Option(help="slack, discord, telegram, web, cli")] = None,
+    source: SourceOpt = None,
     workspace: Annotated[str | None, typer.Option()] = None,
     channel: Annotated[str | None, typer.Option()] = None,
     user: Annotated[str | None, typer.Option(help="the platform user id who started it")] = None,
     agent: Annotated[str | None, typer.Option()] = None,
     status: Annotated[str | None, typer.Option(help="open, closed or failed")] = None,
-    text: Annotated[str | None, typer.Option(help="words in any message")] = None,
-    since: Annotated[
-        datetime | None, typer.Option(help="created at or after (ISO date/time)")
+    text: Annotated[
+        str | None, typer.Option(help='words in its messages; "a phrase" in quotes')
     ] = None,
-    until: Annotated[datetime | None, typer.Option(help="created before (ISO date/time)")] = None,
+    data: DataOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
     offset: Annotated[int, typer.Option(min=0)] = 0,
     reversed: Annotated[
@@ -195,14 +293,10 @@ def conversations_search(
     ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """List conversations, newest first, filtered by source, channel, user, text…"""
+    """List conversations, newest first, filtered by source, channel, user, text, data…"""
     from bots.admin.api import conversation_json
-    from core.store import SearchFilters, Store, aware
 
-    if status is not None and status not in ("open", "closed", "failed"):
-        raise fail("--status takes open, closed or failed")
-    cfg = load(config, check_secrets=False)
-    filters = SearchFilters(
+    filters = _filters(
         source=source,
         workspace=workspace,
         channel=channel,
@@ -210,30 +304,22 @@ def conversations_search(
         agent=agent,
         status=status,
         text=text,
-        since=aware(since),
-        until=aware(until),
+        data=data or [],
+        since=since,
+        until=until,
         limit=limit,
         offset=offset,
         reversed=reversed,
     )
+    cfg = load(config, check_secrets=False)
 
-    async def run() -> tuple[list[Any], int]:
-        store = Store(cfg.store.url)
-        try:
-            await store.migrate()
-            return await store.search(filters)
-        finally:
-            await store.close()
+    async def work(admin: Any) -> tuple[list[Any], int]:
+        found: tuple[list[Any], int] = await admin.store.search(filters)
+        return found
 
-    found, total = asyncio.run(run())
+    found, total = _run_admin(cfg, work)
     if as_json:
-        typer.echo(
-            json.dumps(
-                {"total": total, "items": [conversation_json(c) for c in found]},
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
+        _echo_json({"total": total, "items": [conversation_json(c) for c in found]})
         return
     if not found:
         typer.echo(f"no conversations match (total {total})")
@@ -261,89 +347,350 @@ def conversations_show(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print one conversation's transcript."""
+    """Print one conversation's transcript: roles, authors, times, tool calls, failures."""
     from bots.admin.api import transcript_json
-    from core.store import Store
 
     cfg = load(config, check_secrets=False)
 
-    async def run() -> dict[str, Any] | None:
-        store = Store(cfg.store.url)
-        try:
-            await store.migrate()
-            conversation = await store.get_conversation(conversation_id)
-            return None if conversation is None else await transcript_json(store, conversation)
-        finally:
-            await store.close()
+    async def work(admin: Any) -> dict[str, Any] | None:
+        conversation = await admin.store.get_conversation(conversation_id)
+        return None if conversation is None else await transcript_json(admin.store, conversation)
 
-    body = asyncio.run(run())
+    body = _run_admin(cfg, work)
     if body is None:
         raise fail(f"no conversation {conversation_id!r}", code=1)
     if as_json:
-        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        _echo_json(body)
         return
     typer.echo(
         f"conversation {body['id']} · {body['source']} · agent {body['agent']} · {body['status']}"
     )
     typer.echo(f"thread {body['thread_key']} · remote id {body['remote_id'] or '-'}")
+    chat = body["data"].get("chat_id")
+    if body["link"] or chat is not None:
+        typer.echo(f"link {body['link']}" if body["link"] else f"chat {chat}")
+    typer.echo(f"created {body['created']} · updated {body['updated']}")
     typer.echo(f"data {json.dumps(body['data'], ensure_ascii=False)}")
+    if body["previous_conversation_id"]:
+        typer.echo(f"continues conversation {body['previous_conversation_id']}")
+    if body["data"].get("moved_to_agent"):
+        after = body["next_conversation_id"] or "(none yet)"
+        typer.echo(f"moved to agent {body['data']['moved_to_agent']}; continued in {after}")
     for m in body["messages"]:
         who = m["author_name"] or m["name"] or m["role"]
+        if m["author_id"] and m["author_id"] != who:
+            who += f" ({m['author_id']})"
         tag = f"{m['role']}" + (f" ({m['kind']})" if m["kind"] != "message" else "")
         typer.echo(f"\n[{m['created']}] {tag} · {who}\n{m['content']}")
         for call in m["tool_calls"] or []:
             typer.echo(f"  → tool call {call['name']}({call['arguments']})")
+        if m["tool_call_id"]:
+            typer.echo(f"  ← result of tool call {m['tool_call_id']}")
     for failure in body["failures"]:
         typer.echo(f"\nfailed turn {failure['event_id']} at {failure['when']}: {failure['error']}")
 
 
+@conversations_cli.command("update")
+def conversations_update(
+    conversation_id: Annotated[str, typer.Argument(help="the conversation id")],
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="KEY=VALUE sets a key, KEY= removes it (repeatable)"),
+    ] = None,
+    source: Annotated[str | None, typer.Option(help="a new source label")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a conversation's data and source; an engage-conversations agent gets it too."""
+    from bots.admin.actions import AdminError, data_updates
+    from bots.admin.api import conversation_json
+
+    try:
+        patch = data_updates(data or []) if data else None
+    except AdminError as exc:
+        raise fail(str(exc)) from None
+    cfg = load(config, check_secrets=False)
+
+    async def work(admin: Any) -> Any:
+        return await admin.update_conversation(conversation_id, data=patch, source=source)
+
+    updated, mirrored = _run_admin(cfg, work)
+    body = {**conversation_json(updated), "mirrored": mirrored}
+    if as_json:
+        _echo_json(body)
+        return
+    where = f" (and at agent {updated.agent}'s service)" if mirrored else ""
+    typer.echo(f"updated conversation {updated.id}{where}")
+    typer.echo(f"source {updated.source}")
+    typer.echo(f"data {json.dumps(updated.data, ensure_ascii=False)}")
+
+
+@conversations_cli.command("export")
+def conversations_export(
+    config: ConfigOpt = None,
+    source: SourceOpt = None,
+    workspace: Annotated[str | None, typer.Option()] = None,
+    channel: Annotated[str | None, typer.Option()] = None,
+    user: Annotated[str | None, typer.Option()] = None,
+    agent: Annotated[str | None, typer.Option()] = None,
+    status: Annotated[str | None, typer.Option(help="open, closed or failed")] = None,
+    text: Annotated[str | None, typer.Option(help="words in its messages")] = None,
+    data: DataOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    reversed: Annotated[
+        bool, typer.Option("--reversed/--oldest-first", help="newest first")
+    ] = True,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="write here [default: stdout]")
+    ] = None,
+) -> None:
+    """Write every conversation the filters find, with its messages, as JSON Lines or CSV."""
+    from bots.admin.export import FORMATS, export
+
+    if fmt not in FORMATS:
+        raise fail(f"--format: use {' or '.join(FORMATS)}")
+    filters = _filters(
+        source=source,
+        workspace=workspace,
+        channel=channel,
+        user=user,
+        agent=agent,
+        status=status,
+        text=text,
+        data=data or [],
+        since=since,
+        until=until,
+        reversed=reversed,
+    )
+    cfg = load(config, check_secrets=False)
+    try:
+        out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
+    except OSError as exc:
+        raise fail(f"--output: {exc.strerror or exc}: {output}") from None
+
+    async def work(admin: Any) -> int:
+        total = (await admin.store.search(filters))[1]
+        if not sys.stderr.isatty():
+            written: int = await export(admin.store, filters, fmt, out)
+            return written
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("exporting", total=total)
+            return await export(admin.store, filters, fmt, out, lambda n: bar.advance(task, n))
+
+    try:
+        count = _run_admin(cfg, work)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    where = f" to {output}" if output else ""
+    typer.echo(f"exported {count} conversation(s){where}", err=True)
+
+
 @routes_cli.command("list")
 def routes_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Every route, most specific first, and the default agent."""
-    from core.routing import Router
-    from core.store import Store
+    """Every route, most specific first, where it comes from, who set it and when."""
+    from bots.admin.api import routes_json
+
+    cfg = load(config, check_secrets=False)
+    body = _run_admin(cfg, routes_json)
+    if as_json:
+        _echo_json(body)
+        return
+    rows = [
+        (
+            r["tier"],
+            r["source"],
+            r["workspace"] or "*",
+            r["channel"] or "*",
+            r["agent"],
+            r["origin"] + ("(overridden)" if r["overridden"] else ""),
+            r["set_by"] or "",
+            (r["set_at"] or "")[:19].replace("T", " "),
+            _short(r["situation"]),
+        )
+        for r in body["routes"]
+    ]
+    rows.append(("default", "*", "*", "*", cfg.default_agent, "config", "", "", ""))
+    header = ("tier", "source", "workspace", "channel", "agent", "origin", "set by", "set at")
+    _table((*header, "situation"), rows)
+
+
+def _short(text: str | None, width: int = 40) -> str:
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+ScopeSource = Annotated[str, typer.Option("--source", help="slack, discord, telegram, web, cli")]
+ScopeWorkspace = Annotated[
+    str | None, typer.Option(help="the Slack team or Discord guild id; none: any")
+]
+ScopeChannel = Annotated[str | None, typer.Option(help="the channel or chat id; none: any")]
+
+
+@routes_cli.command("set")
+def routes_set(
+    agent: Annotated[str, typer.Argument(help="the agent that serves the scope")],
+    source: ScopeSource,
+    workspace: ScopeWorkspace = None,
+    channel: ScopeChannel = None,
+    situation: Annotated[
+        str | None, typer.Option(help="instructions for this scope (sessions, openai…)")
+    ] = None,
+    move_open: Annotated[
+        bool,
+        typer.Option("--move-open", help="also move open threads: their next message starts anew"),
+    ] = False,
+    by: ByOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Route a source, workspace or channel to AGENT (replaces its run-time route)."""
+    from bots.admin.api import outcome_json
 
     cfg = load(config, check_secrets=False)
 
-    async def run() -> list[Any]:
-        store = Store(cfg.store.url)
-        try:
-            await store.migrate()
-            return await Router(cfg, store).routes()
-        finally:
-            await store.close()
+    async def work(admin: Any) -> Any:
+        return await admin.set_route(
+            source,
+            workspace,
+            channel,
+            agent,
+            situation=situation,
+            move_open=move_open,
+            by=_by(by),
+        )
 
-    found = asyncio.run(run())
-    items = [
-        {
-            "tier": r.tier,
-            "source": r.source,
-            "workspace": r.workspace,
-            "channel": r.channel,
-            "agent": r.agent,
-            "origin": r.origin,
-            "set_by": r.set_by,
-        }
-        for r in found
-    ]
+    outcome = _run_admin(cfg, work)
     if as_json:
-        typer.echo(json.dumps({"default_agent": cfg.default_agent, "routes": items}, indent=2))
+        _echo_json(outcome_json(outcome))
         return
-    _table(
-        ("tier", "source", "workspace", "channel", "agent", "origin"),
-        [
-            (
-                i["tier"],
-                i["source"],
-                i["workspace"] or "*",
-                i["channel"] or "*",
-                i["agent"],
-                i["origin"],
+    change = outcome.change
+    was = f"was {change.old_agent}" if change.old_agent else "no run-time route before"
+    typer.echo(f"route {_scope(change)} → {change.new_agent} ({was}; by {change.who})")
+    if move_open:
+        typer.echo(f"moved {change.moved} open thread(s): their next message starts anew")
+    if outcome.situations_updated:
+        typer.echo(f"new situation sent to {outcome.situations_updated} open session(s)")
+    for failure in outcome.situation_failures:
+        typer.echo(f"warning: situation not updated for {failure}", err=True)
+
+
+@routes_cli.command("unset")
+def routes_unset(
+    source: ScopeSource,
+    workspace: ScopeWorkspace = None,
+    channel: ScopeChannel = None,
+    by: ByOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove a scope's run-time route (the config file's route, if any, applies again)."""
+    cfg = load(config, check_secrets=False)
+
+    async def work(admin: Any) -> Any:
+        return await admin.unset_route(source, workspace, channel, by=_by(by))
+
+    outcome = _run_admin(cfg, work)
+    change = outcome.change
+    typer.echo(f"route {_scope(change)} removed (was {change.old_agent}; by {change.who})")
+
+
+def _scope(change: Any) -> str:
+    return "/".join((change.source, change.workspace or "*", change.channel or "*"))
+
+
+@routes_cli.command("history")
+def routes_history(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every change to the run-time routes, newest first: who, when, old → new."""
+    from bots.admin.api import change_json
+
+    cfg = load(config, check_secrets=False)
+
+    async def work(admin: Any) -> tuple[list[Any], int]:
+        changes = await admin.store.route_changes(limit, offset)
+        return changes, await admin.store.count_route_changes()
+
+    changes, total = _run_admin(cfg, work)
+    if as_json:
+        _echo_json({"total": total, "items": [change_json(c) for c in changes]})
+        return
+    if not changes:
+        typer.echo(f"no route changes (total {total})")
+        return
+    rows = []
+    for c in changes:
+        situation = ""
+        if c.old_situation != c.new_situation:
+            situation = (
+                f"{_short(c.old_situation, 20) or '-'} → {_short(c.new_situation, 20) or '-'}"
             )
-            for i in items
-        ]
-        + [("default", "*", "*", "*", cfg.default_agent, "config")],
-    )
+        rows.append(
+            (
+                c.at.strftime("%Y-%m-%d %H:%M:%S"),
+                c.who or "",
+                c.action,
+                _scope(c),
+                f"{c.old_agent or '-'} → {c.new_agent or '-'}",
+                str(c.moved) if c.moved else "",
+                situation,
+            )
+        )
+    _table(("at", "who", "action", "scope", "agent", "moved", "situation"), rows)
+    typer.echo(f"{offset + 1}-{offset + len(changes)} of {total}")
+
+
+@routes_cli.command("explain")
+def routes_explain(
+    thread: Annotated[
+        str, typer.Argument(help="source:workspace/channel/thread, e.g. slack:T1/C2/1700.1")
+    ],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which agent a thread gets, and why: the matching route at each tier."""
+    from bots.admin.api import explain_json
+    from core.routing import parse_thread
+
+    try:
+        parsed = parse_thread(thread)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    cfg = load(config, check_secrets=False)
+    body = _run_admin(cfg, lambda admin: explain_json(admin, parsed))
+    if as_json:
+        _echo_json(body)
+        return
+    typer.echo(f"thread {body['thread']}")
+    rows = []
+    for step in body["steps"]:
+        route = step["route"]
+        scope = ""
+        if route is not None:
+            scope = "/".join((route["source"], route["workspace"] or "*", route["channel"] or "*"))
+        elif step["tier"] == "default":
+            scope = "default_agent"
+        mark = "← chosen" if step["chosen"] else ""
+        origin = route["origin"] if route else ""
+        rows.append((step["tier"], scope or "-", step["agent"] or "-", origin, mark, step["note"]))
+    _table(("tier", "route", "agent", "origin", "", "why"), rows)
+    typer.echo(f"agent: {body['agent']}")
+    current = body["conversation"]
+    if current is not None:
+        typer.echo(
+            f"this thread continues conversation {current['id']} with agent {current['agent']}, "
+            "which it keeps (routes set --move-open moves it)"
+        )
 
 
 @cli.command()
@@ -407,6 +754,19 @@ def config_check(config: ConfigOpt = None) -> None:
     discord = discord_config(cfg)
     if discord is not None and discord.application_id:
         typer.echo(f"  discord invite: {invite_url(discord.application_id)}")
+
+
+@cli.command()
+def doctor(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    timeout: Annotated[float, typer.Option(min=0.5, help="seconds each check may take")] = 5.0,
+) -> None:
+    """Check tokens, scopes, agent services, the store and routes; exit 1 on any failure."""
+    from bots.doctor import run
+
+    cfg = load(config, check_secrets=False)
+    raise typer.Exit(run(cfg, as_json=as_json, timeout_s=timeout))
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:

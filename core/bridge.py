@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from core.agents.base import AgentResponse, AgentService, StreamingService
+from core.breaker import Admission, Breaker, Keeper
 from core.config import Config
 from core.errors import (
     AgentServiceError,
@@ -30,6 +31,8 @@ from core.errors import (
     PlatformRejected,
     PlatformRetryable,
 )
+from core.logs import bind_trace
+from core.metrics import Metrics
 from core.model import Conversation, Inbound, Reply, ReplyKind, ThreadRef, ToolCall, Turn
 from core.routing import Router
 from core.store import Claim, ClaimLost, NewMessage, Store
@@ -94,6 +97,8 @@ class Bridge:
         self.router = router
         self.services = services
         self.tools = tools or NoTools()
+        self.keeper = Keeper(store, self.settings, services)
+        self.breakers: dict[str, Breaker] = self.keeper.breakers  # agent -> its circuit breaker
         self.adapters: dict[str, ChannelAdapter] = {}
         self._turns: dict[int, asyncio.Task[None]] = {}
         self._posts: dict[int, asyncio.Task[None]] = {}
@@ -103,6 +108,7 @@ class Bridge:
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self.listeners: list[Callable[[str, str], Awaitable[None]]] = []
+        self.metrics = Metrics()  # counted here, scraped at /metrics
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -125,6 +131,7 @@ class Bridge:
     async def stop(self, deadline_s: float = 10.0) -> None:
         """Stop claiming; let in-flight turns and posts finish within the deadline."""
         self._stopping = True
+        self.keeper.stop()
         self._inbox_wake.set()
         self._outbox_wake.set()
         running = [*self._turns.values(), *self._posts.values()]
@@ -161,10 +168,13 @@ class Bridge:
 
     async def submit(self, inbound: Inbound) -> Submitted:
         """Keep a message for its turn and return at once; duplicates stop here."""
+        bind_trace(inbound.event_id)
         self.check(inbound.text)
         added = await self.store.add_inbound(inbound)
+        self.metrics.accepted(inbound, duplicate=not added)
         if added:
             self._inbox_wake.set()
+            await self.keeper.accepted(inbound.event_id, inbound.thread.key)
             await self._emit(inbound.thread.key, "accepted")
         return Submitted(inbound.event_id, duplicate=not added)
 
@@ -237,6 +247,7 @@ class Bridge:
     async def _guard(
         self, name: str, item: Claim, work: Callable[[Claim], Awaitable[None]]
     ) -> None:
+        bind_trace(item.payload.get("event_id") or item.payload.get("reply_to"))
         try:
             await work(item)
         except asyncio.CancelledError:
@@ -265,6 +276,7 @@ class Bridge:
 
     async def _run_turn(self, claim: Claim) -> None:
         inbound = Inbound.from_json(claim.payload)
+        started = time.monotonic()
         working = asyncio.create_task(self._show_working(inbound.thread))
         user = NewMessage(
             role="user",
@@ -283,18 +295,19 @@ class Bridge:
             service = self.services.get(conversation.agent)
             if service is None:
                 raise AgentServiceError(f"agent {conversation.agent!r} is not configured any more")
-            if service.stateful and not conversation.remote_id:
-                conversation.remote_id = await service.open(conversation)
-                if conversation.remote_id:
-                    await self.store.set_remote(conversation.id, remote_id=conversation.remote_id)
-            produced = await self._converse(service, conversation, inbound)
-            await self.store.finish_turn(
-                claim,
-                conversation,
-                [user, *produced],
-                remote_id=conversation.remote_id,
-                state=conversation.state,
-            )
+            admission = await self.keeper.admit(claim, conversation, user)
+            produced = None
+            if admission is not None:  # None: kept until the agent is back (core/breaker.py)
+                produced = await self._ask(admission, claim, service, conversation, inbound)
+            if produced is not None:
+                await self.store.finish_turn(
+                    claim,
+                    conversation,
+                    [user, *produced],
+                    remote_id=conversation.remote_id,
+                    state=conversation.state,
+                )
+                self.metrics.turn_answered(conversation.agent, started)
         except ClaimLost as exc:
             log.warning("%s; dropping this worker's result", exc)
         except Exception as exc:
@@ -309,10 +322,39 @@ class Bridge:
             )
             reason = str(exc) if isinstance(exc, AgentServiceError) else f"internal error: {exc!r}"
             await self.store.finish_turn(claim, conversation, [user, notice], failed=reason)
+            self.metrics.turn_failed(conversation.agent, exc, started)
         finally:
             working.cancel()
         self._outbox_wake.set()
         await self._emit(inbound.thread.key, "turn")
+
+    async def _ask(
+        self,
+        admission: Admission,
+        claim: Claim,
+        service: AgentService,
+        conversation: Conversation,
+        inbound: Inbound,
+    ) -> list[NewMessage] | None:
+        """Open the conversation at the service if need be and converse, reporting the outcome
+        to the agent's breaker; None when the agent is down and the message was kept."""
+        try:
+            if service.stateful and not conversation.remote_id:
+                conversation.remote_id = await service.open(conversation)
+                if conversation.remote_id:
+                    await self.store.set_remote(conversation.id, remote_id=conversation.remote_id)
+            produced = await self._converse(service, conversation, inbound)
+            admission.answered()
+            return produced
+        except AgentUnavailable as exc:
+            if await self.keeper.unavailable(claim, conversation, admission, exc):
+                return None
+            raise
+        except AgentServiceError:
+            admission.answered()  # a refusal is still an answer: the service is up
+            raise
+        finally:
+            admission.close()
 
     async def _conversation(self, inbound: Inbound) -> Conversation:
         existing = await self.store.conversation_for_thread(inbound.thread.key)
@@ -461,6 +503,7 @@ class Bridge:
         except PlatformRejected as exc:
             log.error("%s refused a reply in %s for good: %s", thread.source, thread.key, exc)
             await self.store.finish_outbox(claim, sent=False, error=str(exc))
+            self.metrics.post_failed(thread.source)
             return
         except (PlatformRetryable, Exception) as exc:
             if claim.attempts > self.settings.post_retries:
@@ -468,6 +511,7 @@ class Bridge:
                     "giving up posting to %s after %d attempts: %s", thread.key, claim.attempts, exc
                 )
                 await self.store.finish_outbox(claim, sent=False, error=str(exc))
+                self.metrics.post_failed(thread.source)
                 return
             hint = exc.retry_after if isinstance(exc, PlatformRetryable) else None
             delay = (
@@ -480,8 +524,10 @@ class Bridge:
             if isinstance(exc, PlatformRetryable) and exc.posted:
                 progress = {**payload, "posted": [*reply.posted, *exc.posted]}
             await self.store.retry_outbox_later(claim, delay, str(exc), progress)
+            self.metrics.post_retried(thread.source)
             return
         await self.store.finish_outbox(claim, sent=True, platform_ids=[*reply.posted, *ids])
+        self.metrics.reply_posted(thread.source, kind)
         await self._emit(thread.key, "posted")
 
 

@@ -66,6 +66,27 @@ class BridgeConfig(_Section):
         "Sorry — the agent could not answer just now. Your message is kept and an admin can see "
         "the failed turn; please try again in a moment."
     )
+    # The circuit breaker each agent gets (core/breaker.py): bridge policy above every service.
+    breaker_failures: int = Field(
+        default=5, ge=1, description="failed turns in a row that open an agent's circuit"
+    )
+    breaker_cooldown_s: float = Field(
+        default=30.0, gt=0, description="how long a circuit stays open before one probe turn"
+    )
+    on_recovery: Literal["answer", "ask_resend"] = Field(
+        default="answer",
+        description="what happens to messages kept while the agent was down once it is back",
+    )
+    keep_max_age_s: float = Field(
+        default=86400.0, gt=0, description="a message kept longer fails with failure_notice"
+    )
+    kept_notice: str | None = Field(
+        default=None, description="the notice that a message is kept (default: per on_recovery)"
+    )
+    resend_notice: str = (
+        "The agent is back, but it could not answer your earlier message while it was down. "
+        "Please send it again."
+    )
 
 
 class RouteConfig(_Section):

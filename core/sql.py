@@ -14,10 +14,12 @@ from sqlalchemy import bindparam
 
 from core.tables import (
     ConversationRow,
+    DraftRow,
     InboxRow,
     MessageRow,
     OutboxRow,
     PostRow,
+    RouteChangeRow,
     RouteRow,
     ThreadLinkRow,
 )
@@ -26,9 +28,11 @@ conversations: sa.Table = ConversationRow.__table__  # type: ignore[attr-defined
 links: sa.Table = ThreadLinkRow.__table__  # type: ignore[attr-defined]
 messages: sa.Table = MessageRow.__table__  # type: ignore[attr-defined]
 routes: sa.Table = RouteRow.__table__  # type: ignore[attr-defined]
+route_changes: sa.Table = RouteChangeRow.__table__  # type: ignore[attr-defined]
 inbox: sa.Table = InboxRow.__table__  # type: ignore[attr-defined]
 outbox: sa.Table = OutboxRow.__table__  # type: ignore[attr-defined]
 posts: sa.Table = PostRow.__table__  # type: ignore[attr-defined]
+drafts: sa.Table = DraftRow.__table__  # type: ignore[attr-defined]
 
 UNFINISHED = ("pending", "working")
 
@@ -42,6 +46,12 @@ conversation_by_thread = (
     sa.select(conversations)
     .join(links, links.c.conversation_id == conversations.c.id)
     .where(links.c.thread_key == bindparam("thread_key"))
+)
+latest_of_thread = (
+    sa.select(conversations.c.id, conversations.c.data)
+    .where(conversations.c.thread_key == bindparam("thread_key"))
+    .order_by(conversations.c.created.desc(), conversations.c.id.desc())
+    .limit(1)
 )
 conversation_by_id = sa.select(conversations).where(conversations.c.id == bindparam("id"))
 newest_messages = (
@@ -75,7 +85,8 @@ finish_conversation = (
     conversations.update()
     .where(conversations.c.id == bindparam("b_id"))
     .values(
-        status=bindparam("b_status"),
+        # A turn that finishes after its thread was ended (`/new`, a move) leaves it closed.
+        status=sa.case((conversations.c.status == "closed", "closed"), else_=bindparam("b_status")),
         remote_id=sa.func.coalesce(bindparam("b_remote_id"), conversations.c.remote_id),
         state=sa.func.coalesce(
             bindparam("b_state", type_=conversations.c.state.type), conversations.c.state

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,9 +21,21 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from core import search as searching
 from core import sql, sqlite
 from core.model import Conversation, Inbound, ThreadRef
-from core.sql import UNFINISHED, conversations, inbox, links, messages, outbox, posts, routes
+from core.search import SearchFilters as SearchFilters  # where callers have imported it from
+from core.sql import (
+    UNFINISHED,
+    conversations,
+    inbox,
+    links,
+    messages,
+    outbox,
+    posts,
+    route_changes,
+    routes,
+)
 from core.tables import utcnow
 
 log = logging.getLogger(__name__)
@@ -37,18 +49,6 @@ def aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """A time as UTC (naive means UTC). SQLite compares stored times as text, so a bound with
-    another offset must be converted before it is compared; the calendar's ends are clamped."""
-    stamp = aware(value)
-    if stamp is None:
-        return None
-    try:
-        return stamp.astimezone(UTC)
-    except OverflowError:  # within hours of year 1 or 9999
-        return (datetime.min if stamp.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -81,22 +81,27 @@ class NewMessage:
     post: bool = False  # also queue it in the outbox for the platform
 
 
-@dataclass(slots=True)
-class SearchFilters:
-    """What `conversations search` and `GET /api/conversations` filter on."""
+@dataclass(frozen=True, slots=True)
+class RouteChange:
+    """One entry of the routes' audit log: who changed which scope when, old → new.
 
-    source: str | None = None
-    workspace: str | None = None
-    channel: str | None = None
-    user: str | None = None
-    agent: str | None = None
-    status: str | None = None
-    text: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    limit: int = 20
-    offset: int = 0
-    reversed: bool = True  # newest first
+    `old_*` is the run-time route the change replaced or removed (None: there was none, so
+    the config file's route or the default applied); `moved` counts the open threads that
+    `move_open` ended.
+    """
+
+    at: datetime
+    who: str | None
+    source: str
+    workspace: str | None  # None: any
+    channel: str | None
+    action: str  # "set" | "unset"
+    old_agent: str | None
+    new_agent: str | None
+    old_situation: str | None
+    new_situation: str | None
+    moved: int = 0
+    id: int | None = None
 
 
 class ClaimLost(Exception):
@@ -281,6 +286,93 @@ class Store:
 
         return await self.write(job)
 
+    async def keep_inbound(
+        self,
+        event_id: str,
+        conversation: Conversation,
+        notice: NewMessage,
+        *,
+        claim: Claim | None = None,
+        delay_s: float = 0.0,
+        reason: str = "",
+    ) -> bool:
+        """Keep an unanswered message for later (its agent is down); True if `notice` went now.
+
+        The first time, the item is marked `kept` and `notice` is stored and queued, so a person
+        is told once however often the item comes round. With `claim`, the item is also handed
+        back for `delay_s` under a lease no worker holds: it stays unfinished, so neither it nor
+        its thread's later messages are taken before then, and the try is not counted; those
+        later messages are kept (and told) with it.
+        """
+        thread = ThreadRef.parse(conversation.thread_key)
+        columns = (inbox.c.id, inbox.c.event_id, inbox.c.payload, inbox.c.status)
+
+        def job(conn: Connection) -> bool:
+            now = utcnow()
+            row = conn.execute(
+                sa.select(*columns, inbox.c.claim_token, inbox.c.thread_key)
+                .where(inbox.c.event_id == event_id)
+                .with_for_update()
+            ).first()
+            if claim is not None and (
+                row is None or (row.id, row.claim_token) != (claim.id, claim.token)
+            ):
+                raise ClaimLost(f"inbox item {claim.id} was taken by another worker")
+            if row is None or row.status not in UNFINISHED:
+                return False
+            if claim is not None:
+                conn.execute(
+                    inbox.update()
+                    .where(inbox.c.id == row.id)
+                    .values(
+                        status="working",
+                        claim_token=None,
+                        lease_until=now + timedelta(seconds=delay_s),
+                        attempts=inbox.c.attempts - 1,
+                        error=reason[:2000] or None,
+                        updated=now,
+                    )
+                )
+            items: list[Any] = [row]
+            if claim is not None:
+                items += conn.execute(
+                    sa.select(*columns)
+                    .where(
+                        inbox.c.thread_key == row.thread_key,
+                        inbox.c.id > row.id,
+                        inbox.c.status == "pending",
+                    )
+                    .order_by(inbox.c.id)
+                    .with_for_update()
+                ).all()
+            told = False
+            for item in items:
+                if "kept" in item.payload:
+                    continue
+                told = told or item.id == row.id
+                conn.execute(
+                    inbox.update()
+                    .where(inbox.c.id == item.id)
+                    .values(
+                        payload={**item.payload, "kept": now.isoformat()},
+                        conversation_id=conversation.id,
+                        updated=now,
+                    )
+                )
+                message = {
+                    "conversation_id": conversation.id,
+                    "role": notice.role,
+                    "kind": notice.kind,
+                    "content": notice.content,
+                    "created": now,
+                }
+                result = conn.execute(sql.insert_message, message)
+                reply = {"text": notice.content, "kind": notice.kind, "reply_to": item.event_id}
+                _queue_reply(conn, thread, reply, conversation.id, _new_id(result))
+            return told
+
+        return await self.write(job)
+
     async def retry_outbox_later(
         self, claim: Claim, delay_s: float, error: str, payload: dict[str, Any] | None = None
     ) -> None:
@@ -318,7 +410,21 @@ class Store:
             "b_error": error[:2000] if error else None,
             "b_now": utcnow(),
         }
-        await self.write(lambda conn: conn.execute(sql.finish_post, params))
+        if not (sent and platform_ids):
+            await self.write(lambda conn: conn.execute(sql.finish_post, params))
+            return
+        # A draft the reply went into is forgotten in the same transaction as the post is
+        # marked sent: a crash before it repeats the same edit, never a second message.
+        used = sql.drafts.delete().where(
+            sql.drafts.c.thread_key == claim.thread_key,
+            sql.drafts.c.message_id.in_(list(platform_ids)),
+        )
+
+        def job(conn: Connection) -> None:
+            conn.execute(sql.finish_post, params)
+            conn.execute(used)
+
+        await self.write(job)
 
     async def queue_reply(
         self, thread: ThreadRef, payload: dict[str, Any], conversation_id: str | None = None
@@ -366,6 +472,10 @@ class Store:
         link = {"thread_key": thread.key, "conversation_id": created.id, "created": now}
 
         def job(conn: Connection) -> None:
+            previous = conn.execute(sql.latest_of_thread, {"thread_key": thread.key}).first()
+            if previous is not None and (previous.data or {}).get("moved_to_agent") is not None:
+                # The thread was moved to another agent: its new conversation names the old one.
+                row["data"] = created.data = {**data, "previous_conversation_id": previous.id}
             conn.execute(sql.insert_conversation, row)
             conn.execute(sql.insert_link, link)
 
@@ -510,6 +620,36 @@ class Store:
 
         await self.write(job)
 
+    async def draft_of(self, thread_key: str) -> str | None:
+        """The message the thread's next answer goes into, if one was posted (see DraftRow)."""
+        statement = sa.select(sql.drafts.c.message_id).where(sql.drafts.c.thread_key == thread_key)
+        return await self.read(lambda conn: conn.execute(statement).scalar())
+
+    async def keep_draft(self, thread_key: str, message_id: str) -> bool:
+        """Note the thread's draft message; False when the thread already has one."""
+        row = {"thread_key": thread_key, "message_id": message_id, "created": utcnow()}
+        try:
+            await self.write(lambda conn: conn.execute(sql.drafts.insert(), row))
+        except IntegrityError:
+            return False
+        return True
+
+    async def fill_draft(self, thread_key: str, message_id: str) -> None:
+        """Give a draft noted as "" (being posted) the id the platform gave it."""
+        statement = (
+            sql.drafts.update()
+            .where(sql.drafts.c.thread_key == thread_key, sql.drafts.c.message_id == "")
+            .values(message_id=message_id)
+        )
+        await self.write(lambda conn: conn.execute(statement))
+
+    async def drop_draft(self, thread_key: str, message_id: str) -> None:
+        """Forget the thread's draft once the answer is in it (a newer one stays)."""
+        statement = sql.drafts.delete().where(
+            sql.drafts.c.thread_key == thread_key, sql.drafts.c.message_id == message_id
+        )
+        await self.write(lambda conn: conn.execute(statement))
+
     async def thread_of_post(self, key: str) -> str | None:
         """The thread of a message the bot posted, by its platform key."""
         statement = sa.select(posts.c.thread_key).where(posts.c.key == key)
@@ -569,49 +709,125 @@ class Store:
 
         return await self.read(job, snapshot=True)
 
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if self.is_sqlite else "postgresql"
+
     async def search(self, f: SearchFilters) -> tuple[list[Conversation], int]:
         """Conversations matching every filter given, a page of them and the total."""
-        conditions: list[Any] = []
-        for column, value in (
-            (conversations.c.source, f.source),
-            (conversations.c.workspace, f.workspace),
-            (conversations.c.channel, f.channel),
-            (conversations.c.user_id, f.user),
-            (conversations.c.agent, f.agent),
-            (conversations.c.status, f.status),
-        ):
-            if value is not None:
-                conditions.append(column == value)
-        if f.since is not None:
-            conditions.append(conversations.c.created >= as_utc(f.since))
-        if f.until is not None:
-            conditions.append(conversations.c.created < as_utc(f.until))
-        if f.text:
-            pattern = (
-                "%" + f.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            )
-            conditions.append(
-                sa.exists().where(
-                    messages.c.conversation_id == conversations.c.id,
-                    messages.c.content.ilike(pattern, escape="\\"),
-                )
-            )
-        order = conversations.c.created.desc() if f.reversed else conversations.c.created.asc()
-        tie = conversations.c.id.desc() if f.reversed else conversations.c.id.asc()
+        where = searching.conditions(f, self.dialect)
         page = (
             sa.select(conversations)
-            .where(*conditions)
-            .order_by(order, tie)
+            .where(*where)
+            .order_by(*searching.ordering(f))
             .limit(f.limit)
             .offset(f.offset)
         )
-        count = sa.select(sa.func.count()).select_from(conversations).where(*conditions)
+        count = sa.select(sa.func.count()).select_from(conversations).where(*where)
 
         def job(conn: Connection) -> tuple[list[Any], int]:
             return list(conn.execute(page).all()), int(conn.execute(count).scalar_one())
 
         rows, total = await self.read(job, snapshot=True)
         return [row_to_conversation(r) for r in rows], total
+
+    async def conversation_pages(
+        self, f: SearchFilters, page_size: int = 200
+    ) -> AsyncIterator[list[Conversation]]:
+        """Every conversation matching `f` (its limit and offset aside), a page at a time, in
+        its order; pages follow the last row seen, so each costs the same however deep."""
+        where = searching.conditions(f, self.dialect)
+        last: Conversation | None = None
+        while True:
+            query = sa.select(conversations).where(*where)
+            if last is not None:
+                assert last.created is not None
+                query = query.where(searching.after(f, last.created, last.id))
+            rows = await self.read(_all_of(query.order_by(*searching.ordering(f)).limit(page_size)))
+            if not rows:
+                return
+            page = [row_to_conversation(r) for r in rows]
+            yield page
+            if len(rows) < page_size:
+                return
+            last = page[-1]
+
+    async def messages_of(self, conversation_ids: Sequence[str]) -> dict[str, list[Any]]:
+        """The stored messages of several conversations, oldest first, by conversation id."""
+        found: dict[str, list[Any]] = {cid: [] for cid in conversation_ids}
+        if not found:
+            return found
+        query = (
+            sa.select(messages)
+            .where(messages.c.conversation_id.in_(list(found)))
+            .order_by(messages.c.conversation_id, messages.c.id)
+        )
+        for row in await self.read(lambda conn: list(conn.execute(query).all())):
+            found[row.conversation_id].append(row)
+        return found
+
+    async def thread_conversations(self, thread_key: str) -> list[Conversation]:
+        """Every conversation a thread has had, oldest first (`/new`, moves)."""
+        query = (
+            sa.select(conversations)
+            .where(conversations.c.thread_key == thread_key)
+            .order_by(conversations.c.created, conversations.c.id)
+        )
+        rows = await self.read(lambda conn: list(conn.execute(query).all()))
+        return [row_to_conversation(r) for r in rows]
+
+    async def open_conversations(
+        self,
+        source: str,
+        workspace: str | None = None,
+        channel: str | None = None,
+        agent: str | None = None,
+    ) -> list[Conversation]:
+        """The conversations threads continue now (linked) in a scope; None or '' is any."""
+        query = (
+            sa.select(conversations)
+            .join(links, links.c.conversation_id == conversations.c.id)
+            .where(*_in_scope(source, workspace, channel))
+            .order_by(conversations.c.created)
+        )
+        if agent is not None:
+            query = query.where(conversations.c.agent == agent)
+        rows = await self.read(lambda conn: list(conn.execute(query).all()))
+        return [row_to_conversation(r) for r in rows]
+
+    async def update_conversation(
+        self,
+        conversation_id: str,
+        *,
+        data: Mapping[str, Any] | None = None,
+        source: str | None = None,
+    ) -> Conversation | None:
+        """Merge `data` into the conversation's (a key set to None is removed) and/or set its
+        `source` label; None when there is no such conversation."""
+
+        def job(conn: Connection) -> Any:
+            row = conn.execute(
+                sa.select(conversations)
+                .where(conversations.c.id == conversation_id)
+                .with_for_update()
+            ).first()
+            if row is None:
+                return None
+            values: dict[str, Any] = {"updated": utcnow()}
+            if data is not None:
+                values["data"] = merge_data(row.data or {}, data)
+            if source is not None:
+                values["source"] = source
+            statement = (
+                conversations.update()
+                .where(conversations.c.id == conversation_id)
+                .values(**values)
+                .returning(*conversations.c)
+            )
+            return conn.execute(statement).first()
+
+        row = await self.write(job)
+        return row_to_conversation(row) if row is not None else None
 
     async def turns_failed(self, conversation_id: str) -> list[Any]:
         query = sa.select(inbox.c.event_id, inbox.c.error, inbox.c.updated).where(
@@ -629,47 +845,107 @@ class Store:
     async def set_route(
         self,
         source: str,
-        workspace: str,
-        channel: str,
+        workspace: str | None,
+        channel: str | None,
         agent: str,
         *,
         situation: str | None = None,
         set_by: str | None = None,
-    ) -> None:
-        def job(conn: Connection) -> None:
+        move_open: bool = False,
+        spare: Iterable[tuple[str | None, str | None]] = (),
+    ) -> RouteChange:
+        """Route a scope ('' or None: any) to `agent`, replacing its run-time route, and log
+        the change. With `move_open`, end the open threads of the scope served by another
+        agent, so their next message opens a conversation with `agent`; threads under a more
+        specific route (the run-time ones, and `spare`: the config file's (workspace, channel)
+        scopes of this source) keep theirs. A moved conversation is closed and kept, with
+        `moved_to_agent`, `moved_at` and `moved_by` in its data; the thread's next conversation
+        gets `previous_conversation_id`."""
+        ws, ch = workspace or "", channel or ""
+        spared = [(w or "", c or "") for w, c in spare]
+
+        def job(conn: Connection) -> RouteChange:
             now = utcnow()
-            scope = (
-                routes.c.source == source,
-                routes.c.workspace == workspace,
-                routes.c.channel == channel,
-            )
-            updated = conn.execute(
-                routes.update()
-                .where(*scope)
-                .values(agent=agent, situation=situation, set_by=set_by, updated=now)
-            )
-            if updated.rowcount == 0:
+            scope = (routes.c.source == source, routes.c.workspace == ws, routes.c.channel == ch)
+            old = conn.execute(
+                sa.select(routes.c.agent, routes.c.situation).where(*scope).with_for_update()
+            ).first()
+            values = {"agent": agent, "situation": situation, "set_by": set_by, "updated": now}
+            if old is not None:
+                conn.execute(routes.update().where(*scope).values(**values))
+            else:
                 conn.execute(
                     routes.insert().values(
-                        source=source,
-                        workspace=workspace,
-                        channel=channel,
-                        agent=agent,
-                        situation=situation,
-                        set_by=set_by,
-                        created=now,
-                        updated=now,
+                        source=source, workspace=ws, channel=ch, created=now, **values
                     )
                 )
+            moved = 0
+            if move_open:
+                moved = _move_open(conn, (source, ws, ch), agent, spared, set_by, now)
+            change = RouteChange(
+                at=now,
+                who=set_by,
+                source=source,
+                workspace=ws or None,
+                channel=ch or None,
+                action="set",
+                old_agent=old.agent if old else None,
+                new_agent=agent,
+                old_situation=old.situation if old else None,
+                new_situation=situation,
+                moved=moved,
+            )
+            return _log_change(conn, change)
 
-        await self.write(job)
+        return await self.write(job)
 
-    async def delete_route(self, source: str, workspace: str, channel: str) -> bool:
-        statement = routes.delete().where(
-            routes.c.source == source, routes.c.workspace == workspace, routes.c.channel == channel
+    async def unset_route(
+        self, source: str, workspace: str | None, channel: str | None, *, set_by: str | None = None
+    ) -> RouteChange | None:
+        """Remove the run-time route of a scope and log it; None when it had none."""
+        ws, ch = workspace or "", channel or ""
+        scope = (routes.c.source == source, routes.c.workspace == ws, routes.c.channel == ch)
+
+        def job(conn: Connection) -> RouteChange | None:
+            old = conn.execute(
+                sa.select(routes.c.agent, routes.c.situation).where(*scope).with_for_update()
+            ).first()
+            if old is None:
+                return None
+            conn.execute(routes.delete().where(*scope))
+            change = RouteChange(
+                at=utcnow(),
+                who=set_by,
+                source=source,
+                workspace=ws or None,
+                channel=ch or None,
+                action="unset",
+                old_agent=old.agent,
+                new_agent=None,
+                old_situation=old.situation,
+                new_situation=None,
+            )
+            return _log_change(conn, change)
+
+        return await self.write(job)
+
+    async def delete_route(
+        self, source: str, workspace: str, channel: str, *, set_by: str | None = None
+    ) -> bool:
+        """Remove the run-time route of a scope (logged); False when it had none."""
+        return await self.unset_route(source, workspace, channel, set_by=set_by) is not None
+
+    async def route_changes(self, limit: int = 100, offset: int = 0) -> list[RouteChange]:
+        """The routes' audit log, newest first."""
+        query = (
+            sa.select(route_changes).order_by(route_changes.c.id.desc()).limit(limit).offset(offset)
         )
-        result = await self.write(lambda conn: conn.execute(statement))
-        return bool(result.rowcount)
+        rows = await self.read(lambda conn: list(conn.execute(query).all()))
+        return [_change_from_row(r) for r in rows]
+
+    async def count_route_changes(self) -> int:
+        query = sa.select(sa.func.count()).select_from(route_changes)
+        return int(await self.read(lambda conn: conn.execute(query).scalar_one()))
 
     async def counts(self) -> dict[str, int]:
         """Queue depths for health pages and tests."""
@@ -683,6 +959,117 @@ class Store:
             return out
 
         return await self.read(job)
+
+
+def _all_of(query: Any) -> Callable[[Connection], list[Any]]:
+    return lambda conn: list(conn.execute(query).all())
+
+
+def merge_data(current: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`current` with `patch` applied key by key: a value of None removes the key."""
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _in_scope(source: str, workspace: str | None, channel: str | None) -> list[Any]:
+    where = [conversations.c.source == source]
+    if workspace:
+        where.append(conversations.c.workspace == workspace)
+    if channel:
+        where.append(conversations.c.channel == channel)
+    return where
+
+
+def _rank(workspace: str, channel: str) -> tuple[int, int]:
+    """How specific a scope is, as core.routing ranks routes: tier, then a named workspace."""
+    return (2 if channel else 1 if workspace else 0, 1 if workspace else 0)
+
+
+def _move_open(
+    conn: Connection,
+    scope: tuple[str, str, str],
+    agent: str,
+    spare: list[tuple[str, str]],
+    who: str | None,
+    now: datetime,
+) -> int:
+    """End the scope's open threads served by another agent (see `Store.set_route`)."""
+    source, workspace, channel = scope
+    kept = sa.select(routes.c.workspace, routes.c.channel).where(routes.c.source == source)
+    narrower = [
+        (w, c)
+        for w, c in [*spare, *((r.workspace, r.channel) for r in conn.execute(kept))]
+        if _rank(w, c) > _rank(workspace, channel)
+    ]
+    found = conn.execute(
+        sa.select(
+            links.c.thread_key,
+            conversations.c.id,
+            conversations.c.workspace,
+            conversations.c.channel,
+            conversations.c.data,
+        )
+        .join(conversations, links.c.conversation_id == conversations.c.id)
+        .where(*_in_scope(source, workspace, channel), conversations.c.agent != agent)
+    ).all()
+    moving = [
+        row
+        for row in found
+        if not any(w in ("", row.workspace) and c in ("", row.channel) for w, c in narrower)
+    ]
+    note = {"moved_to_agent": agent, "moved_at": now.isoformat()}
+    if who:
+        note["moved_by"] = who
+    for row in moving:
+        conn.execute(
+            conversations.update()
+            .where(conversations.c.id == row.id)
+            .values(status="closed", data={**(row.data or {}), **note}, updated=now)
+        )
+        conn.execute(links.delete().where(links.c.thread_key == row.thread_key))
+    return len(moving)
+
+
+def _log_change(conn: Connection, change: RouteChange) -> RouteChange:
+    values = {
+        "at": change.at,
+        "who": change.who,
+        "source": change.source,
+        "workspace": change.workspace or "",
+        "channel": change.channel or "",
+        "action": change.action,
+        "old_agent": change.old_agent,
+        "new_agent": change.new_agent,
+        "old_situation": change.old_situation,
+        "new_situation": change.new_situation,
+        "moved": change.moved,
+    }
+    result = conn.execute(route_changes.insert().values(**values))
+    return replace(change, id=_new_id(result))
+
+
+def _change_from_row(row: Any) -> RouteChange:
+    stamp = aware(row.at)
+    assert stamp is not None
+    return RouteChange(
+        at=stamp,
+        who=row.who,
+        source=row.source,
+        workspace=row.workspace or None,
+        channel=row.channel or None,
+        action=row.action,
+        old_agent=row.old_agent,
+        new_agent=row.new_agent,
+        old_situation=row.old_situation,
+        new_situation=row.new_situation,
+        moved=row.moved,
+        id=row.id,
+    )
 
 
 def _new_id(result: Any) -> int:

@@ -54,6 +54,18 @@ class ThreadLinkRow(SQLModel, table=True):
     created: datetime = Field(default_factory=utcnow, sa_type=Stamp)
 
 
+class DraftRow(SQLModel, table=True):
+    """The message a thread's next answer goes into (a "thinking…" placeholder, a streamed
+    draft), kept here so that any instance, or the same one after a restart, edits it instead
+    of posting the answer again."""
+
+    __tablename__ = "drafts"
+
+    thread_key: str = Field(primary_key=True)
+    message_id: str
+    created: datetime = Field(default_factory=utcnow, sa_type=Stamp)
+
+
 class PostRow(SQLModel, table=True):
     """A message the bot posted, by platform key, and its thread: a person replying to it
     continues that thread (Telegram groups, where a thread is a chain of replies)."""
@@ -103,6 +115,25 @@ class RouteRow(SQLModel, table=True):
     set_by: str | None = None
     created: datetime = Field(default_factory=utcnow, sa_type=Stamp)
     updated: datetime = Field(default_factory=utcnow, sa_type=Stamp)
+
+
+class RouteChangeRow(SQLModel, table=True):
+    """One change to the run-time routes, kept for the audit log (`routes history`)."""
+
+    __tablename__ = "route_changes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_type=Stamp)
+    who: str | None = None
+    source: str = Field(max_length=32)
+    workspace: str = ""  # '' means any, as in `routes`
+    channel: str = ""
+    action: str = Field(max_length=16)  # set | unset
+    old_agent: str | None = None
+    new_agent: str | None = None
+    old_situation: str | None = Field(default=None, sa_type=sa.Text)
+    new_situation: str | None = Field(default=None, sa_type=sa.Text)
+    moved: int = 0  # open threads ended by `--move-open`
 
 
 class InboxRow(SQLModel, table=True):
@@ -156,3 +187,18 @@ class OutboxRow(SQLModel, table=True):
 
 
 metadata = SQLModel.metadata
+
+# Full-text search lives outside the models: migration 0003 builds it per database (an FTS5
+# table kept in sync by triggers on SQLite, a GIN expression index on PostgreSQL).
+FTS_TABLE = "messages_fts"  # SQLite; FTS5 adds shadow tables named messages_fts_*
+FTS_INDEX = "ix_messages_fts"  # PostgreSQL
+
+
+def outside_models(name: str | None, type_: str) -> bool:
+    """Whether a database object is one of the full-text objects the models do not describe
+    (for comparing the migrated schema with the models)."""
+    if name is None:
+        return False
+    if type_ == "table":
+        return name == FTS_TABLE or name.startswith(FTS_TABLE + "_")
+    return type_ == "index" and name == FTS_INDEX

@@ -170,6 +170,19 @@ class DiscordAdapter:
                 await self.client.close()
                 self.client = await self._login()
 
+    async def why_not_ready(self) -> str | None:
+        """Why Discord cannot bring messages now, or None: the gateway ready, and its
+        connection (each shard's) open; discord.py reconnects by itself."""
+        client = self.client
+        if client is None or not self._ready.is_set():
+            return "the gateway is not ready"
+        if isinstance(client, discord.AutoShardedClient):
+            down = sorted(i for i, shard in client.shards.items() if shard.is_closed())
+            return f"gateway shard(s) {down} disconnected" if down else None
+        if client.ws is None or not client.ws.open:
+            return "the gateway is disconnected"
+        return None
+
     async def stop(self) -> None:
         if self.client is not None:
             await self.client.close()

@@ -9,11 +9,13 @@ split at `max_chars`, in the thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from slack_bolt import BoltResponse
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_sdk.errors import SlackApiError
@@ -44,6 +46,7 @@ logging.getLogger("slack_bolt.AsyncApp").addFilter(
 )
 
 # Errors after which a post can never succeed: the bot cannot see or write to the channel.
+GONE = {"message_not_found", "cant_update_message", "cant_delete_message"}  # placeholder gone
 FOR_GOOD = {
     "channel_not_found",
     "not_in_channel",
@@ -125,8 +128,8 @@ class SlackAdapter:
             request_verification_enabled=http_mode,
         )
         self._socket: Any = None
-        # thread key -> the post of its "thinking" message (its ts), awaited by `post`
-        self._placeholders: dict[str, asyncio.Task[str]] = {}
+        # thread key -> a "thinking" message being posted (its ts then lives in the store)
+        self._placeholders: dict[str, asyncio.Task[str | None]] = {}
         self._assistant_threads: set[str] = set()
         self._names: dict[str, str] = {}  # user id -> display name
         self._channel_names: dict[str, str] = {}
@@ -161,6 +164,15 @@ class SlackAdapter:
         else:
             log.info("slack: HTTP events at /slack/events, bot user %s", self.me.user_id)
 
+    async def why_not_ready(self) -> str | None:
+        """Why Slack cannot bring messages now, or None: auth.test must have passed, and in
+        Socket Mode the socket be connected (it reconnects by itself)."""
+        if self.me is None:
+            return "auth.test has not passed"
+        if self._socket is not None and not await self._socket.client.is_connected():
+            return "Socket Mode is not connected"
+        return None
+
     async def stop(self) -> None:
         if self._socket is not None:
             await self._socket.close_async()
@@ -176,9 +188,20 @@ class SlackAdapter:
         self.app.event("assistant_thread_started")(self._on_assistant_thread)
         self.app.event("assistant_thread_context_changed")(self._ignore)
         self.app.command("/agent")(self._on_agent_command)
+        self.app.error(self._on_error)
 
     async def _ignore(self, ack: Any) -> None:
         await ack()
+
+    async def _on_error(self, error: Exception) -> BoltResponse | None:
+        """A signed request bolt or a listener cannot read (a field of the wrong type): a 400,
+        which Slack does not send again; anything else (the store down…) a 503, so Slack sends
+        it again and the event id keeps it from being answered twice."""
+        if isinstance(error, (TypeError, ValueError, AttributeError, KeyError, IndexError)):
+            log.warning("slack: malformed request refused: %r", error)
+            return BoltResponse(status=400, body="malformed request")
+        log.error("slack: request failed; answered 503 so Slack sends it again", exc_info=error)
+        return BoltResponse(status=503, body="not stored; send it again")
 
     async def _on_event(self, body: dict[str, Any], event: dict[str, Any]) -> None:
         assert self.bridge is not None
@@ -336,54 +359,97 @@ class SlackAdapter:
                 },
             )
             return
-        if thread.key not in self._placeholders:
-            placeholder = asyncio.create_task(self._post_placeholder(thread))
-            self._placeholders[thread.key] = placeholder
-            # The bridge cancels this call when the answer is ready; the post itself goes on,
-            # so `post` always learns the placeholder's ts and never leaves one behind.
-            await asyncio.shield(placeholder)
+        await self._placeholder(thread, self.config.working_text)
 
-    async def _post_placeholder(self, thread: ThreadRef, text: str | None = None) -> str:
-        answer = await self.client.chat_postMessage(
-            **post_args(thread, text or self.config.working_text)
-        )
-        return str(answer["ts"])
+    async def _placeholder(self, thread: ThreadRef, text: str) -> str | None:
+        """The ts of the message the thread's next answer goes into: the one in the store
+        (posted by any instance, before a restart too), or one posted now with `text`."""
+        task = self._placeholders.get(thread.key)
+        if task is None:
+            assert self.bridge is not None
+            known = await self.bridge.store.draft_of(thread.key)
+            if known == "":  # another instance is posting it right now
+                return await self._await_draft(thread)
+            if known is not None:
+                return known
+            task = self._placeholders.get(thread.key)  # another caller may have started one
+            if task is None:
+                task = asyncio.create_task(self._post_placeholder(thread, text))
+                self._placeholders[thread.key] = task
+                task.add_done_callback(lambda _: self._placeholders.pop(thread.key, None))
+        # The bridge cancels show_working when the answer is ready; the post goes on, and
+        # the store learns its ts, so `post` never leaves a placeholder behind.
+        return await asyncio.shield(task)
+
+    async def _post_placeholder(self, thread: ThreadRef, text: str) -> str | None:
+        """Note in the store that a placeholder is being posted, post it, then note its ts:
+        an instance about to post the answer meanwhile waits for it (`_await_draft`)."""
+        assert self.bridge is not None
+        if not await self.bridge.store.keep_draft(thread.key, ""):
+            return await self._await_draft(thread)
+        try:
+            answer = await self.client.chat_postMessage(**post_args(thread, text))
+        except BaseException:
+            await self.bridge.store.drop_draft(thread.key, "")
+            raise
+        ts = str(answer["ts"])
+        await self.bridge.store.fill_draft(thread.key, ts)
+        return ts
+
+    async def _await_draft(self, thread: ThreadRef, wait_s: float = 5.0) -> str | None:
+        """The draft another instance is posting, once it has a ts; a note left by a crash
+        mid-post is given up after `wait_s` (that placeholder, if posted, stays)."""
+        assert self.bridge is not None
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while (known := await self.bridge.store.draft_of(thread.key)) == "":
+            if asyncio.get_running_loop().time() > deadline:
+                await self.bridge.store.drop_draft(thread.key, "")
+                return None
+            await asyncio.sleep(0.05)
+        return known
 
     async def draft(self, thread: ThreadRef, text: str) -> None:
         """A streaming agent's answer so far, in the placeholder (posted now if need be)."""
         parts = split_text(to_mrkdwn(text), self.config.max_chars)
         shown = parts[0] + (" …" if len(parts) > 1 else "")
-        task = self._placeholders.get(thread.key)
-        if task is None:
-            task = asyncio.create_task(self._post_placeholder(thread, shown))
-            self._placeholders[thread.key] = task
-            await asyncio.shield(task)
-            return
-        ts = await asyncio.shield(task)
-        await self.client.chat_update(channel=thread.channel, ts=ts, text=shown)
+        ts = await self._placeholder(thread, shown)
+        if ts is not None:
+            await self.client.chat_update(channel=thread.channel, ts=ts, text=shown)
 
     async def _take_placeholder(self, thread: ThreadRef) -> str | None:
-        task = self._placeholders.pop(thread.key, None)
-        if task is None:
-            return None
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), 10)
-        except Exception as exc:  # it was never posted: nothing to update or delete
-            log.debug("slack: no placeholder in %s: %s", thread.key, exc)
-            return None
+        """The placeholder the answer goes into, once any post of it in flight is done."""
+        assert self.bridge is not None
+        task = self._placeholders.get(thread.key)
+        if task is not None:
+            with contextlib.suppress(Exception):  # never posted: nothing to update or delete
+                await asyncio.wait_for(asyncio.shield(task), 10)
+        known = await self.bridge.store.draft_of(thread.key)
+        return await self._await_draft(thread) if known == "" else known
 
     async def post(self, reply: Reply) -> list[str]:
-        """Post the reply's parts in order; a retry resumes after the parts already posted."""
+        """Post the reply's parts in order; a retry resumes after the parts already posted.
+
+        A single-part answer replaces the placeholder; the placeholder is forgotten only after
+        that, so a crash in between repeats the same edit rather than posting the answer twice.
+        """
+        assert self.bridge is not None
         thread = reply.thread
         parts = split_text(to_mrkdwn(reply.text), self.config.max_chars) or ["…"]
-        placeholder = await self._take_placeholder(thread)
+        placeholder = await self._take_placeholder(thread) if not reply.posted else None
         posted: list[str] = []
         try:
-            if placeholder is not None and len(parts) == 1:
-                await self.client.chat_update(channel=thread.channel, ts=placeholder, text=parts[0])
-                return [placeholder]
             if placeholder is not None:
-                await self.client.chat_delete(channel=thread.channel, ts=placeholder)
+                try:
+                    if len(parts) == 1:  # the store forgets it when the post is marked sent
+                        await self.client.chat_update(
+                            channel=thread.channel, ts=placeholder, text=parts[0]
+                        )
+                        return [placeholder]
+                    await self.client.chat_delete(channel=thread.channel, ts=placeholder)
+                except SlackApiError as exc:
+                    if _error_of(exc) not in GONE:
+                        raise
+                await self.bridge.store.drop_draft(thread.key, placeholder)
             for part in parts[len(reply.posted) :]:
                 await self._pacer.wait(f"{thread.workspace}/{thread.channel}")
                 answer = await self.client.chat_postMessage(**post_args(thread, part))
@@ -391,6 +457,10 @@ class SlackAdapter:
         except SlackApiError as exc:
             raise _platform_error(exc, posted) from exc
         return posted
+
+
+def _error_of(exc: SlackApiError) -> str:
+    return str(exc.response.get("error", "")) if exc.response is not None else ""
 
 
 def _platform_error(exc: SlackApiError, posted: list[str]) -> Exception:

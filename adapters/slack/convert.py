@@ -54,7 +54,7 @@ def hear(body: dict[str, Any], event: dict[str, Any], me: BotIdentity) -> Heard 
     """The message in an `app_mention` or `message` event, or None when it is not a person's
     message the agent could answer (the bot itself, other bots, edits, joins…)."""
     kind_of_event = event.get("type")
-    if kind_of_event not in ("app_mention", "message"):
+    if kind_of_event not in ("app_mention", "message") or not _well_typed(body, event):
         return None
     if (
         event.get("subtype") not in PERSON_SUBTYPES
@@ -93,6 +93,20 @@ def hear(body: dict[str, Any], event: dict[str, Any], me: BotIdentity) -> Heard 
         author_id=str(user),
         text=without_mention(str(event.get("text") or ""), me.user_id),
         files=files,
+    )
+
+
+def _well_typed(body: dict[str, Any], event: dict[str, Any]) -> bool:
+    """Whether the fields `hear` reads have the types Slack sends (a signed body may not)."""
+    needed = (event.get(k) for k in ("user", "channel", "ts"))
+    optional = [
+        event.get(k) for k in ("thread_ts", "text", "subtype", "channel_type", "team", "user_team")
+    ]
+    files = event.get("files")
+    return (
+        all(isinstance(v, str) for v in needed)
+        and all(v is None or isinstance(v, str) for v in [*optional, body.get("team_id")])
+        and (files is None or (isinstance(files, list) and all(isinstance(f, dict) for f in files)))
     )
 
 

@@ -59,6 +59,9 @@ from core.model import Reply, ThreadRef
 from core.pacing import Pacer
 
 log = logging.getLogger(__name__)
+# python-telegram-bot logs at DEBUG its API URL, which holds the bot token, and the parameters
+# of each call, setWebhook's secret_token among them: its DEBUG lines never reach our logs.
+logging.getLogger("telegram").setLevel(logging.INFO)
 
 WEBHOOK_PATH = "/telegram/webhook"
 ALLOWED_UPDATES = ["message"]
@@ -69,6 +72,8 @@ COMMANDS = [
     ("start", "say hello"),
 ]
 SECRET_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what Telegram takes as a secret_token
+# What reading an update with a field of the wrong type raises (Telegram's own never do).
+MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError)
 MAX_WAIT_S = 30.0  # a 429 asking for longer goes back to the outbox instead of holding a worker
 
 
@@ -129,8 +134,12 @@ class TelegramAdapter:
         self._per_group = Pacer(20 / 60 if config.post_rate_per_chat else 0, 20)
         self._overall = Pacer(30 if config.post_rate_per_chat else 0, 30)
         self._poller: asyncio.Task[None] | None = None
+        self._webhook_set = False
         self._seen: OrderedDict[str, None] = OrderedDict()  # commands answered, by event id
         self._drafts: dict[str, int] = {}  # thread key -> the message a streamed answer grows in
+        # post key -> thread key of the bot's latest group messages, known the moment they are
+        # sent (the store learns them a moment later; a quick reply must still find its chain)
+        self._recent_posts: OrderedDict[str, str] = OrderedDict()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -160,11 +169,21 @@ class TelegramAdapter:
                 secret_token=self.config.secret("webhook_secret_env"),
                 allowed_updates=ALLOWED_UPDATES,
             )
+            self._webhook_set = True
             log.info("telegram: @%s receives updates by webhook at %s", self.me.username, url)
         else:
             await self.bot.delete_webhook()
             self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
             log.info("telegram: @%s receives updates by long polling", self.me.username)
+
+    async def why_not_ready(self) -> str | None:
+        """Why Telegram cannot bring messages now, or None: the webhook set, or the polling
+        loop running."""
+        if self.config.mode == "webhook":
+            return None if self._webhook_set else "the webhook is not set"
+        if self._poller is None or self._poller.done():
+            return "the polling loop is not running"
+        return None
 
     async def stop(self) -> None:
         if self._poller is not None:
@@ -201,6 +220,8 @@ class TelegramAdapter:
             for update in updates:
                 try:
                     await self.handle(update)
+                except MALFORMED as exc:  # asking again brings the same update: skip it
+                    log.warning("telegram: malformed update %s skipped: %r", update.update_id, exc)
                 except Exception:
                     log.exception(
                         "telegram: update %s not stored; it comes again", update.update_id
@@ -222,11 +243,14 @@ class TelegramAdapter:
             if not isinstance(raw, dict) or not isinstance(raw.get("update_id"), int):
                 raise ValueError("no update_id")
             update = Update.de_json(raw, self.bot)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (*MALFORMED, RecursionError, OSError) as exc:  # OSError: a date beyond time_t
             log.warning("telegram: malformed update refused: %s", exc)
             return 400, "malformed update"
         try:
             await self.handle(update)
+        except MALFORMED as exc:  # a field of the wrong type: a redelivery would fail again
+            log.warning("telegram: malformed update %s refused: %r", update.update_id, exc)
+            return 400, "malformed update"
         except Exception:
             log.exception("telegram: update %s not stored", update.update_id)
             return 503, "not stored; send it again"
@@ -245,9 +269,8 @@ class TelegramAdapter:
             return
         chain = None
         if heard.place == "group" and heard.replied_to_bot is not None:
-            chain = await self.bridge.store.thread_of_post(
-                post_key(heard.chat_id, heard.replied_to_bot)
-            )
+            key = post_key(heard.chat_id, heard.replied_to_bot)
+            chain = self._recent_posts.get(key) or await self.bridge.store.thread_of_post(key)
         thread = thread_of(heard, chain)
         if not heard.for_the_bot and not await self._continues(heard, thread):
             return
@@ -350,9 +373,11 @@ class TelegramAdapter:
                 posted.append(str(message.message_id))
                 if chat < 0 and _topic(thread) is None:
                     assert self.bridge is not None
-                    await self.bridge.store.remember_posts(
-                        thread.key, [post_key(chat, message.message_id)]
-                    )
+                    key = post_key(chat, message.message_id)
+                    self._recent_posts[key] = thread.key
+                    if len(self._recent_posts) > 10_000:
+                        self._recent_posts.popitem(last=False)
+                    await self.bridge.store.remember_posts(thread.key, [key])
         except PlatformRetryable as exc:
             exc.posted = posted
             raise

@@ -68,6 +68,8 @@ def hear(update: Update, bot: BotInfo) -> Heard | None:
     if message is None or message.from_user is None or message.from_user.is_bot:
         return None
     chat = message.chat
+    if not _well_typed(message):
+        return None
     text = message.text if message.text is not None else message.caption or ""
     entities = message.entities if message.text is not None else message.caption_entities
     command, args = _command(text, entities, bot)
@@ -103,6 +105,15 @@ def hear(update: Update, bot: BotInfo) -> Heard | None:
             "language_code": user.language_code,
         },
         chat={"chat_id": chat.id, "chat_type": chat.type, "chat_title": chat.title},
+    )
+
+
+def _well_typed(message: Message) -> bool:
+    """Whether the ids and text have the types Telegram sends (PTB does not check them)."""
+    ids = (message.chat.id, message.message_id, message.from_user and message.from_user.id)
+    texts = (message.text, message.caption, message.chat.type)
+    return all(isinstance(i, int) and not isinstance(i, bool) for i in ids) and all(
+        t is None or isinstance(t, str) for t in texts
     )
 
 

@@ -22,6 +22,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import AgentRejected, AgentServiceError, AgentUnavailable
+from core.logs import trace_headers
 from core.model import Conversation, ToolCall, Turn
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class HttpAgentService:
                 headers=headers,
                 limits=limits,
                 timeout=timeout,
+                event_hooks={"request": [_send_trace]},
             )
             for _ in range(shards)
         ]
@@ -239,6 +241,11 @@ class HttpAgentService:
             return response.json()
         except ValueError as exc:
             raise AgentUnavailable(f"HTTP {status} with a body that is not JSON") from exc
+
+
+async def _send_trace(request: httpx.Request) -> None:
+    """Every call carries the trace id of the message it serves (X-Trace-Id), when there is one."""
+    request.headers.update(trace_headers())
 
 
 def _detail(response: httpx.Response) -> str:

@@ -8,6 +8,7 @@ pointed at an emulator on loopback, and reads the JSON the script prints.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +28,14 @@ def sdk_python(name: str, *requirements: str) -> Path:
     env = ENVS / f"{name}-{stamp}"
     python = env / "bin" / "python"
     done = env / ".installed"
-    if not done.exists():
+    if done.exists():
+        return python
+    ENVS.mkdir(exist_ok=True)
+    # Parallel test workers may want the same venv: one makes it, the others wait.
+    with (ENVS / f"{name}-{stamp}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return python
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
         subprocess.run(
             [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",

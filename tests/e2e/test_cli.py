@@ -59,7 +59,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def tb(
-    env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None, timeout: float = 30
+    env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(THREADBRIDGE), *args],

@@ -111,7 +111,10 @@ class FakeSlack:
         bot_id: str = BOT_ID,
         bot_tokens: tuple[str, ...] = (BOT_TOKEN,),
         app_tokens: tuple[str, ...] = (APP_TOKEN,),
+        scopes: tuple[str, ...] | None = None,
     ) -> None:
+        """`scopes`: the bot token's, sent as `x-oauth-scopes` on its answers (None: no header)."""
+        self.scopes = scopes
         self.team_id, self.app_id = team_id, app_id
         self.bot_user_id, self.bot_id = bot_user_id, bot_id
         self.bot_tokens, self.app_tokens = set(bot_tokens), set(app_tokens)
@@ -389,6 +392,8 @@ class FakeSlack:
         token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
         token = token or params.pop("token", None)
         status, body, headers = self._answer(method, params, token)
+        if self.scopes is not None and token in self.bot_tokens:
+            headers = {**headers, "x-oauth-scopes": ",".join(self.scopes)}
         call = Call(
             method=method,
             params=params,
