@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 from slack_bolt import BoltResponse
 from slack_bolt.async_app import AsyncApp
@@ -141,6 +142,11 @@ class SlackAdapter:
 
     async def start(self, bridge: Bridge) -> None:
         self.bridge = bridge
+        # One connection pool for every Web API call; without it slack_sdk opens (and TLS
+        # handshakes) a new connection per call, which capped the bridge at ~50 events/s.
+        self.client.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.client.timeout)
+        )
         try:
             identity = await self.client.auth_test()
         except SlackApiError as exc:
