@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -104,3 +105,18 @@ class ServeProcess:
         response = httpx.get(f"{self.url}{path}", params=params, timeout=10)
         response.raise_for_status()
         return response.json()
+
+
+def search(serve: ServeProcess, *args: str) -> list[dict[str, Any]]:
+    """`threadbridge conversations search --json ARGS` against `serve`'s config: the items."""
+    done = subprocess.run(
+        [THREADBRIDGE, "conversations", "search", "--config", str(serve.config), "--json", *args],
+        cwd=serve.workdir,
+        env=serve.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found: list[dict[str, Any]] = json.loads(done.stdout)["items"]
+    return found

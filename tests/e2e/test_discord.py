@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.serve import THREADBRIDGE, ServeProcess
+from tests.e2e.serve import ServeProcess, search
 from tests.fakes.discord import (
     BOB,
     BOT_TOKEN,
@@ -91,20 +90,6 @@ def wait_messages(
         if time.monotonic() > deadline:
             raise AssertionError(f"channel {channel}: {found}")
         time.sleep(0.05)
-
-
-def search(serve: ServeProcess, *args: str) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [THREADBRIDGE, "conversations", "search", "--config", str(serve.config), "--json", *args],
-        cwd=serve.workdir,
-        env=serve.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    found: list[dict[str, Any]] = json.loads(done.stdout)["items"]
-    return found
 
 
 def test_a_mention_opens_a_thread_that_continues_without_mentions(

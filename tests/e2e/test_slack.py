@@ -4,7 +4,6 @@ the fake Slack on loopback, reached only through `[slack] api_base_url`."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from tests.e2e.serve import THREADBRIDGE, ServeProcess
+from tests.e2e.serve import ServeProcess, search
 from tests.fakes.slack import (
     APP_TOKEN,
     BOT_TOKEN,
@@ -120,20 +119,6 @@ def wait_texts(
         if time.monotonic() > deadline:
             raise AssertionError(f"{thread_ts}: {slack.texts(channel)}")
         time.sleep(0.05)
-
-
-def search(serve: ServeProcess, *args: str) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [THREADBRIDGE, "conversations", "search", "--config", str(serve.config), "--json", *args],
-        cwd=serve.workdir,
-        env=serve.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    found: list[dict[str, Any]] = json.loads(done.stdout)["items"]
-    return found
 
 
 def test_a_mention_is_answered_in_its_thread_and_the_thread_continues(

@@ -4,8 +4,6 @@ fake Bot API on loopback, reached only through `[telegram] api_base_url`."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.serve import THREADBRIDGE, ServeProcess
+from tests.e2e.serve import ServeProcess, search
 from tests.fakes.telegram import (
     BOB,
     BOT_TOKEN,
@@ -114,20 +112,6 @@ def wait_sent(
 
 def text_of(sent: dict[str, Any]) -> str:
     return str(sent["message"]["text"])
-
-
-def search(serve: ServeProcess, *args: str) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [THREADBRIDGE, "conversations", "search", "--config", str(serve.config), "--json", *args],
-        cwd=serve.workdir,
-        env=serve.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    found: list[dict[str, Any]] = json.loads(done.stdout)["items"]
-    return found
 
 
 def hook(
