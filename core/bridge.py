@@ -170,9 +170,12 @@ class Bridge:
         """Keep a message for its turn and return at once; duplicates stop here."""
         bind_trace(inbound.event_id)
         self.check(inbound.text)
-        added = await self.store.add_inbound(inbound)
+        intake = await self.store.add_inbound(inbound, lease_s=self._room(self._turns))
+        added = intake.added
         self.metrics.accepted(inbound, duplicate=not added)
-        if added:
+        if intake.claim is not None:
+            self._start("inbox", intake.claim, self._run_turn)
+        elif added:
             self._inbox_wake.set()
             await self.keeper.accepted(inbound.event_id, inbound.thread.key)
             await self._emit(inbound.thread.key, "accepted")
@@ -236,13 +239,26 @@ class Bridge:
                 claims = []
                 await asyncio.sleep(self.settings.poll_s)
             for item in claims:
-                self._tokens[name][item.token] = self._tokens[name].get(item.token, 0) + 1
-                task = asyncio.create_task(self._guard(name, item, work), name=f"{name}-{item.id}")
-                running[item.id] = task
+                self._start(name, item, work)
             if claims and len(claims) == free:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.settings.poll_s)
+
+    def _start(self, name: str, item: Claim, work: Callable[[Claim], Awaitable[None]]) -> None:
+        """Run a claimed item; its lease is renewed until it is done."""
+        self._tokens[name][item.token] = self._tokens[name].get(item.token, 0) + 1
+        running = self._turns if name == "inbox" else self._posts
+        running[item.id] = asyncio.create_task(
+            self._guard(name, item, work), name=f"{name}-{item.id}"
+        )
+
+    def _room(self, running: dict[int, asyncio.Task[None]]) -> float | None:
+        """The lease to take new work with at once, or None when this process is full (the
+        work then waits in the store for the claim loops, here or in another instance)."""
+        if self._stopping or len(running) >= self.settings.max_turns:
+            return None
+        return self.settings.lease_s
 
     async def _guard(
         self, name: str, item: Claim, work: Callable[[Claim], Awaitable[None]]
@@ -256,13 +272,17 @@ class Bridge:
             log.exception("%s item %d: unexpected failure; it will be retried", name, item.id)
         finally:
             running = self._turns if name == "inbox" else self._posts
+            was_full = len(running) >= self.settings.max_turns
             running.pop(item.id, None)
             left = self._tokens[name].get(item.token, 0) - 1
             if left <= 0:
                 self._tokens[name].pop(item.token, None)
             else:
                 self._tokens[name][item.token] = left
-            (self._inbox_wake if name == "inbox" else self._outbox_wake).set()
+            # A thread's next item is handed on by whoever finishes the one before (the store
+            # does it with the finish); the loop is needed only when a full process has room.
+            if was_full:
+                (self._inbox_wake if name == "inbox" else self._outbox_wake).set()
 
     async def _renew_loop(self) -> None:
         every = self.settings.lease_s / 3
@@ -289,7 +309,7 @@ class Bridge:
         )
         conversation: Conversation | None = None
         try:
-            conversation = await self._conversation(inbound)
+            conversation, fresh = await self._conversation(inbound)
             if claim.attempts > self.settings.max_attempts:
                 raise AgentServiceError(f"gave up after {claim.attempts - 1} interrupted tries")
             service = self.services.get(conversation.agent)
@@ -298,9 +318,11 @@ class Bridge:
             admission = await self.keeper.admit(claim, conversation, user)
             produced = None
             if admission is not None:  # None: kept until the agent is back (core/breaker.py)
-                produced = await self._ask(admission, claim, service, conversation, inbound)
+                produced = await self._ask(
+                    admission, claim, service, conversation, inbound, fresh=fresh
+                )
             if produced is not None:
-                await self.store.finish_turn(
+                await self._finish(
                     claim,
                     conversation,
                     [user, *produced],
@@ -321,12 +343,25 @@ class Bridge:
                 role="system", kind="notice", post=True, content=self.settings.failure_notice
             )
             reason = str(exc) if isinstance(exc, AgentServiceError) else f"internal error: {exc!r}"
-            await self.store.finish_turn(claim, conversation, [user, notice], failed=reason)
+            await self._finish(claim, conversation, [user, notice], failed=reason)
             self.metrics.turn_failed(conversation.agent, exc, started)
         finally:
             working.cancel()
         self._outbox_wake.set()
         await self._emit(inbound.thread.key, "turn")
+
+    async def _finish(
+        self, claim: Claim, conversation: Conversation, new: list[NewMessage], **how: Any
+    ) -> None:
+        """Store the turn; its first reply is posted at once, and the thread's next message
+        (if one waits) taken at once, not after a trip through the claim loops."""
+        handoff = await self.store.finish_turn(
+            claim, conversation, new, lease_s=self._room(self._posts), **how
+        )
+        for item in handoff.posts:
+            self._start("outbox", item, self._post)
+        if handoff.next_turn is not None:
+            self._start("inbox", handoff.next_turn, self._run_turn)
 
     async def _ask(
         self,
@@ -335,6 +370,8 @@ class Bridge:
         service: AgentService,
         conversation: Conversation,
         inbound: Inbound,
+        *,
+        fresh: bool = False,
     ) -> list[NewMessage] | None:
         """Open the conversation at the service if need be and converse, reporting the outcome
         to the agent's breaker; None when the agent is down and the message was kept."""
@@ -343,7 +380,7 @@ class Bridge:
                 conversation.remote_id = await service.open(conversation)
                 if conversation.remote_id:
                     await self.store.set_remote(conversation.id, remote_id=conversation.remote_id)
-            produced = await self._converse(service, conversation, inbound)
+            produced = await self._converse(service, conversation, inbound, fresh=fresh)
             admission.answered()
             return produced
         except AgentUnavailable as exc:
@@ -356,10 +393,12 @@ class Bridge:
         finally:
             admission.close()
 
-    async def _conversation(self, inbound: Inbound) -> Conversation:
+    async def _conversation(self, inbound: Inbound) -> tuple[Conversation, bool]:
+        """The thread's conversation, and whether it was opened just now (so it has no
+        history to read: only this thread's turns add to it, and they run one at a time)."""
         existing = await self.store.conversation_for_thread(inbound.thread.key)
         if existing is not None:
-            return existing
+            return existing, False
         decision = await self.router.agent_for(inbound.thread)
         conversation = await self.store.open_conversation(
             inbound.thread, decision.agent, inbound.data, inbound.author.id or None
@@ -373,14 +412,19 @@ class Bridge:
             decision.agent,
             decision.why,
         )
-        return conversation
+        return conversation, True
 
     async def _converse(
-        self, service: AgentService, conversation: Conversation, inbound: Inbound
+        self,
+        service: AgentService,
+        conversation: Conversation,
+        inbound: Inbound,
+        *,
+        fresh: bool = False,
     ) -> list[NewMessage]:
         """Ask the agent, running the tool calls it makes, until it answers with content."""
         history: list[Turn] = []
-        if not service.stateful:
+        if not service.stateful and not fresh:
             memory = self.config.agent_configs[conversation.agent].memory
             history = await self._history(conversation.id, memory)
         new = [
@@ -475,6 +519,8 @@ class Bridge:
         adapter = self.adapters.get(thread.source)
         if adapter is None:
             return
+        # A quick answer needs no "working…": it would only flash before the answer replaces it.
+        await asyncio.sleep(self.settings.working_after_s)
         while True:
             try:
                 await adapter.show_working(thread)
@@ -502,7 +548,7 @@ class Bridge:
             ids = await adapter.post(reply)
         except PlatformRejected as exc:
             log.error("%s refused a reply in %s for good: %s", thread.source, thread.key, exc)
-            await self.store.finish_outbox(claim, sent=False, error=str(exc))
+            await self._close_post(claim, sent=False, error=str(exc))
             self.metrics.post_failed(thread.source)
             return
         except (PlatformRetryable, Exception) as exc:
@@ -510,7 +556,7 @@ class Bridge:
                 log.error(
                     "giving up posting to %s after %d attempts: %s", thread.key, claim.attempts, exc
                 )
-                await self.store.finish_outbox(claim, sent=False, error=str(exc))
+                await self._close_post(claim, sent=False, error=str(exc))
                 self.metrics.post_failed(thread.source)
                 return
             hint = exc.retry_after if isinstance(exc, PlatformRetryable) else None
@@ -526,9 +572,15 @@ class Bridge:
             await self.store.retry_outbox_later(claim, delay, str(exc), progress)
             self.metrics.post_retried(thread.source)
             return
-        await self.store.finish_outbox(claim, sent=True, platform_ids=[*reply.posted, *ids])
+        await self._close_post(claim, sent=True, platform_ids=[*reply.posted, *ids])
         self.metrics.reply_posted(thread.source, kind)
         await self._emit(thread.key, "posted")
+
+    async def _close_post(self, claim: Claim, **how: Any) -> None:
+        """Mark a reply posted or failed; the thread's next reply, if one waits, goes now."""
+        following = await self.store.finish_outbox(claim, lease_s=self._room(self._posts), **how)
+        if following is not None:
+            self._start("outbox", following, self._post)
 
 
 def _stored(turn: Turn, *, post: bool) -> NewMessage:

@@ -58,6 +58,11 @@ class BridgeConfig(_Section):
     draft_every_s: float = Field(
         default=1.0, ge=0.2, description="a streamed answer's message is edited at most this often"
     )
+    working_after_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="a turn shows the agent is working (placeholder, typing) after this long",
+    )
     max_attempts: int = Field(default=5, ge=1, description="tries of a turn that keeps crashing")
     post_retries: int = Field(
         default=8, ge=0, description="attempts to post a reply before giving up"

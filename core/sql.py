@@ -38,6 +38,8 @@ UNFINISHED = ("pending", "working")
 
 insert_inbox = inbox.insert()
 insert_outbox = outbox.insert()
+INSERT = {"inbox": insert_inbox, "outbox": insert_outbox}
+INSERT_ID = {name: insert.returning(insert.table.c.id) for name, insert in INSERT.items()}
 insert_message = messages.insert()
 insert_conversation = conversations.insert()
 insert_link = links.insert()
@@ -107,7 +109,7 @@ finish_post = (
 )
 
 
-def _claim_statements(table: sa.Table) -> tuple[Any, Any]:
+def _claim_statements(table: sa.Table, *, one_thread: bool = False) -> tuple[Any, Any]:
     """Find, then take, the claimable items: the oldest unfinished one of each thread.
 
     Only claimable rows are candidates, so the cost does not grow with the turns in flight.
@@ -129,6 +131,8 @@ def _claim_statements(table: sa.Table) -> tuple[Any, Any]:
     ]
     if table is outbox:
         conditions.append(sa.or_(table.c.not_before.is_(None), table.c.not_before <= now))
+    if one_thread:
+        conditions.append(table.c.thread_key == bindparam("b_thread_key"))
     find = sa.select(table.c.id).where(*conditions).order_by(table.c.id).limit(bindparam("b_limit"))
     take = (
         table.update()
@@ -153,3 +157,23 @@ def _claim_statements(table: sa.Table) -> tuple[Any, Any]:
 
 
 CLAIM = {"inbox": _claim_statements(inbox), "outbox": _claim_statements(outbox)}
+# The same, for one thread: its next item, handed on by the worker that finished the one before.
+CLAIM_THREAD = {
+    name: _claim_statements(table, one_thread=True)
+    for name, table in (("inbox", inbox), ("outbox", outbox))
+}
+
+
+def _thread_busy(table: sa.Table) -> Any:
+    """Whether a thread has an unfinished item: a new one then waits its turn in the queue."""
+    return (
+        sa.select(table.c.id)
+        .where(table.c.thread_key == bindparam("b_thread_key"), table.c.status.in_(UNFINISHED))
+        .limit(1)
+    )
+
+
+THREAD_BUSY = {"inbox": _thread_busy(inbox), "outbox": _thread_busy(outbox)}
+# PostgreSQL: writers of one thread's items take turns until commit, so "is the thread busy?"
+# and the insert that follows are one step (SQLite's single writer gives that already).
+lock_thread = sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(bindparam("b_thread_key"))))

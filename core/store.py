@@ -104,6 +104,26 @@ class RouteChange:
     id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """What `add_inbound` did: whether the message was new, and its claim if taken at once."""
+
+    added: bool
+    claim: Claim | None = None
+
+    def __bool__(self) -> bool:
+        return self.added
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Work a finished turn hands straight to its worker: its first reply to post, and its
+    thread's next message."""
+
+    posts: list[Claim]
+    next_turn: Claim | None
+
+
 class ClaimLost(Exception):
     """Our lease on a work item lapsed and another worker took it; drop our result."""
 
@@ -184,8 +204,13 @@ class Store:
 
     # -- inbox -----------------------------------------------------------------------------
 
-    async def add_inbound(self, inbound: Inbound) -> bool:
-        """Keep a message for its turn; False when its event id was seen before."""
+    async def add_inbound(self, inbound: Inbound, *, lease_s: float | None = None) -> Intake:
+        """Keep a message for its turn; not `added` when its event id was seen before.
+
+        With `lease_s` the caller takes the item at once, in the same transaction, unless its
+        thread has an unfinished item before it: the turn starts without a trip through the
+        claim loop, and the item is as safe as any claimed one (its lease lapses on a crash).
+        """
         now = utcnow()
         values = {
             "event_id": inbound.event_id,
@@ -198,10 +223,10 @@ class Store:
             "updated": now,
         }
         try:
-            await self.write(lambda conn: conn.execute(sql.insert_inbox, values))
+            claim = await self.write(lambda conn: _enqueue(conn, "inbox", values, lease_s))
         except IntegrityError:
-            return False
-        return True
+            return Intake(added=False)
+        return Intake(added=True, claim=claim)
 
     async def claim_inbox(self, sources: Sequence[str], limit: int, lease_s: float) -> list[Claim]:
         """Take up to `limit` items: the oldest unfinished one of each thread no one holds."""
@@ -216,35 +241,8 @@ class Store:
     ) -> list[Claim]:
         if limit <= 0 or not sources:
             return []
-        token = uuid.uuid4().hex
-        find, take = sql.CLAIM[name]
-
-        def job(conn: Connection) -> list[Any]:
-            now = utcnow()
-            params = {"b_now": now, "b_sources": list(sources), "b_limit": limit}
-            ids = conn.execute(find, params).scalars().all()
-            if not ids:
-                return []
-            params.update(
-                b_ids=list(ids), b_token=token, b_lease_until=now + timedelta(seconds=lease_s)
-            )
-            return list(conn.execute(take, params).all())
-
-        rows = await self.write(job)
-        claims = [
-            Claim(
-                r.id,
-                r.thread_key,
-                r.payload,
-                token,
-                r.attempts,
-                r.conversation_id,
-                aware(r.created),
-            )
-            for r in rows
-        ]
-        claims.sort(key=lambda c: c.id)
-        return claims
+        params = {"b_sources": list(sources), "b_limit": limit}
+        return await self.write(lambda conn: _take(conn, name, params, lease_s))
 
     async def renew(self, table_name: str, tokens: Sequence[str], lease_s: float) -> None:
         """Extend the leases of the items held under `tokens`."""
@@ -401,7 +399,11 @@ class Store:
         sent: bool,
         platform_ids: list[str] | None = None,
         error: str | None = None,
-    ) -> None:
+        lease_s: float | None = None,
+    ) -> Claim | None:
+        """Close a posted (or given up) reply. With `lease_s`, the thread's next reply is
+        taken in the same transaction and returned, so it goes out without waiting for the
+        outbox loop."""
         params = {
             "b_id": claim.id,
             "b_token": claim.token,
@@ -410,21 +412,20 @@ class Store:
             "b_error": error[:2000] if error else None,
             "b_now": utcnow(),
         }
-        if not (sent and platform_ids):
-            await self.write(lambda conn: conn.execute(sql.finish_post, params))
-            return
         # A draft the reply went into is forgotten in the same transaction as the post is
         # marked sent: a crash before it repeats the same edit, never a second message.
         used = sql.drafts.delete().where(
             sql.drafts.c.thread_key == claim.thread_key,
-            sql.drafts.c.message_id.in_(list(platform_ids)),
+            sql.drafts.c.message_id.in_(list(platform_ids or ())),
         )
 
-        def job(conn: Connection) -> None:
+        def job(conn: Connection) -> Claim | None:
             conn.execute(sql.finish_post, params)
-            conn.execute(used)
+            if sent and platform_ids:
+                conn.execute(used)
+            return _take_next(conn, "outbox", claim.thread_key, lease_s)
 
-        await self.write(job)
+        return await self.write(job)
 
     async def queue_reply(
         self, thread: ThreadRef, payload: dict[str, Any], conversation_id: str | None = None
@@ -543,12 +544,18 @@ class Store:
         failed: str | None = None,
         remote_id: str | None = None,
         state: dict[str, Any] | None = None,
-    ) -> None:
-        """Store a turn's messages, queue its replies and close its inbox item, atomically."""
+        lease_s: float | None = None,
+    ) -> Handoff:
+        """Store a turn's messages, queue its replies and close its inbox item, atomically.
+
+        With `lease_s` the first reply is taken at once for posting (see `add_inbound`), and
+        so is the thread's next message waiting for its turn; their claims are returned.
+        """
         thread = ThreadRef.parse(conversation.thread_key)
 
-        def job(conn: Connection) -> None:
+        def job(conn: Connection) -> Handoff:
             now = utcnow()
+            taken: list[Claim] = []
             done = conn.execute(
                 sql.finish_inbox,
                 {
@@ -585,7 +592,11 @@ class Store:
                         "kind": message.kind,
                         "reply_to": claim.payload.get("event_id"),
                     }
-                    _queue_reply(conn, thread, payload, conversation.id, _new_id(result))
+                    claim_now = None if taken else lease_s
+                    queued = _queue_reply(
+                        conn, thread, payload, conversation.id, _new_id(result), claim_now
+                    )
+                    taken += [queued] if queued else []
             conn.execute(
                 sql.finish_conversation,
                 {
@@ -596,8 +607,9 @@ class Store:
                     "b_now": now,
                 },
             )
+            return Handoff(taken, _take_next(conn, "inbox", claim.thread_key, lease_s))
 
-        await self.write(job)
+        return await self.write(job)
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[Any]:
         """The conversation's stored messages, oldest first (the newest `limit` of them)."""
@@ -1084,19 +1096,80 @@ def _queue_reply(
     payload: dict[str, Any],
     conversation_id: str | None,
     message_id: int | None,
-) -> None:
+    lease_s: float | None = None,
+) -> Claim | None:
     now = utcnow()
-    conn.execute(
-        sql.insert_outbox,
+    values = {
+        "thread_key": thread.key,
+        "source": thread.source,
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+        "payload": payload,
+        "status": "pending",
+        "attempts": 0,
+        "created": now,
+        "updated": now,
+    }
+    return _enqueue(conn, "outbox", values, lease_s)
+
+
+def _take(
+    conn: Connection, name: str, params: dict[str, Any], lease_s: float, *, one_thread: bool = False
+) -> list[Claim]:
+    """Claim what `params` finds (the oldest unfinished item of each thread) under a new token."""
+    find, take = sql.CLAIM_THREAD[name] if one_thread else sql.CLAIM[name]
+    now = utcnow()
+    ids = conn.execute(find, {**params, "b_now": now}).scalars().all()
+    if not ids:
+        return []
+    token = uuid.uuid4().hex
+    rows = conn.execute(
+        take,
         {
-            "thread_key": thread.key,
-            "source": thread.source,
-            "conversation_id": conversation_id,
-            "message_id": message_id,
-            "payload": payload,
-            "status": "pending",
-            "attempts": 0,
-            "created": now,
-            "updated": now,
+            "b_now": now,
+            "b_ids": list(ids),
+            "b_token": token,
+            "b_lease_until": now + timedelta(seconds=lease_s),
         },
-    )
+    ).all()
+    claims = [
+        Claim(r.id, r.thread_key, r.payload, token, r.attempts, r.conversation_id, aware(r.created))
+        for r in rows
+    ]
+    claims.sort(key=lambda c: c.id)
+    return claims
+
+
+def _take_next(conn: Connection, name: str, thread_key: str, lease_s: float | None) -> Claim | None:
+    """The thread's next item, claimed, when it may go now (None without `lease_s`)."""
+    if lease_s is None:
+        return None
+    source = ThreadRef.parse(thread_key).source
+    params = {"b_sources": [source], "b_limit": 1, "b_thread_key": thread_key}
+    taken = _take(conn, name, params, lease_s, one_thread=True)
+    return taken[0] if taken else None
+
+
+def _enqueue(
+    conn: Connection, name: str, values: dict[str, Any], lease_s: float | None
+) -> Claim | None:
+    """Insert an inbox or outbox item. With `lease_s` it is taken at once under a new claim,
+    as the claim loop would take it, when its thread has no unfinished item before it."""
+    key = values["thread_key"]
+    if conn.dialect.name == "postgresql":
+        conn.execute(sql.lock_thread, {"b_thread_key": key})
+    busy = lease_s is None or conn.execute(sql.THREAD_BUSY[name], {"b_thread_key": key}).first()
+    if busy:
+        conn.execute(sql.INSERT[name], values)
+        return None
+    assert lease_s is not None
+    token, now = uuid.uuid4().hex, values["created"]
+    taken = {
+        **values,
+        "status": "working",
+        "claim_token": token,
+        "lease_until": now + timedelta(seconds=lease_s),
+        "attempts": 1,
+    }
+    new_id = conn.execute(sql.INSERT_ID[name], taken).scalar_one()
+    return Claim(new_id, key, values["payload"], token, 1, values.get("conversation_id"), now)

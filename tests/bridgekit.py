@@ -62,7 +62,7 @@ def make_config(store: Path | str, **extra: Any) -> Config:
     raw: dict[str, Any] = {
         "default_agent": "demo",
         "store": {"url": url},
-        "bridge": {"poll_s": 0.05, "lease_s": 5},
+        "bridge": {"poll_s": 0.05, "lease_s": 5, "working_after_s": 0},
         "agents": {"demo": {"service": "local"}},
     }
     for key, value in extra.items():

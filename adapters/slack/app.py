@@ -135,6 +135,7 @@ class SlackAdapter:
         self._names: dict[str, str] = {}  # user id -> display name
         self._channel_names: dict[str, str] = {}
         self._ignored_channels: set[str] = set()
+        self._workspace_url = ""  # https://TEAM.slack.com/, from auth.test
         self._pacer = Pacer(config.post_rate_per_channel, config.post_burst)
         self._register()
 
@@ -161,6 +162,7 @@ class SlackAdapter:
                 "check the network, a proxy, or [slack] api_base_url",
             ) from None
         self.me = BotIdentity(str(identity["user_id"]), str(identity.get("bot_id") or ""))
+        self._workspace_url = str(identity.get("url") or "")
         if self.config.mode() == "socket":
             from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
@@ -343,6 +345,11 @@ class SlackAdapter:
         return self._channel_names[channel]
 
     async def _permalink(self, thread: ThreadRef) -> str:
+        """The thread's link: built the way Slack builds it when auth.test gave the workspace's
+        URL (no call before the acknowledgement), else asked of chat.getPermalink."""
+        if self._workspace_url.startswith("https://"):
+            ts = thread.thread.replace(".", "")
+            return f"{self._workspace_url.rstrip('/')}/archives/{thread.channel}/p{ts}"
         try:
             answer = await self.client.chat_getPermalink(
                 channel=thread.channel, message_ts=thread.thread

@@ -35,7 +35,9 @@ SECRET = "signing-secret-for-tests"
 MENTION = f"<@{BOT_USER_ID}>"
 
 
-def config_text(tmp_path: Path, api: str, extra: str = "", store: str = "") -> str:
+def config_text(
+    tmp_path: Path, api: str, extra: str = "", store: str = "", working_after_s: float = 0
+) -> str:
     return f"""
 default_agent = "demo"
 
@@ -44,6 +46,7 @@ url = "{store or f"sqlite:///{tmp_path}/tb.db"}"
 
 [bridge]
 poll_s = 0.1
+working_after_s = {working_after_s}  # 0: these tests see the working signal at once
 
 [agents.demo]
 service = "local"
@@ -65,11 +68,17 @@ def slack() -> Iterator[FakeSlack]:
 
 
 def start(
-    tmp_path: Path, slack: FakeSlack, *, socket: bool = False, extra: str = ""
+    tmp_path: Path,
+    slack: FakeSlack,
+    *,
+    socket: bool = False,
+    extra: str = "",
+    working_after_s: float = 0,
 ) -> ServeProcess:
     env = {"SLACK_BOT_TOKEN": BOT_TOKEN}
     env["SLACK_APP_TOKEN" if socket else "SLACK_SIGNING_SECRET"] = APP_TOKEN if socket else SECRET
-    process = ServeProcess(tmp_path, config_text(tmp_path, slack.base_url, extra), env=env)
+    text = config_text(tmp_path, slack.base_url, extra, working_after_s=working_after_s)
+    process = ServeProcess(tmp_path, text, env=env)
     process.start()
     return process
 
@@ -334,6 +343,21 @@ def test_the_placeholder_is_updated_with_the_answer(serve: ServeProcess, slack: 
     [update] = slack.calls_to("chat.update")
     assert update.params["ts"] == placeholder.response["ts"]
     assert "short one" in answer
+
+
+def test_a_quick_answer_is_posted_without_a_placeholder(tmp_path: Path, slack: FakeSlack) -> None:
+    """With `working_after_s` (0.5 s by default) a quick answer is one message, not a
+    placeholder that flashes "thinking" and is edited a moment later."""
+    process = start(tmp_path, slack, working_after_s=5)
+    try:
+        root = app_mention(f"{MENTION} quick one")
+        deliver(process, root)
+        [answer] = wait_texts(slack, "C0001", root["ts"], 1)
+        assert "quick one" in answer
+        assert len(slack.calls_to("chat.postMessage")) == 1
+        assert not slack.calls_to("chat.update")
+    finally:
+        process.stop()
 
 
 def test_a_long_answer_is_split_in_order_without_breaking_code(

@@ -47,6 +47,22 @@ async def test_replies_in_a_thread_keep_arrival_order(store_url: str) -> None:
     await stop_bridge(bridge)
 
 
+async def test_work_goes_straight_to_a_worker_without_waiting_for_a_poll(store_url: str) -> None:
+    """A message is taken as it is stored, a turn's reply as the turn is stored, and a
+    thread's next message by the worker that finishes the one before: with the claim loops
+    polling only every 30 s, eight messages in one thread and one in another still go at once."""
+    channel = RecordingChannel()
+    config = make_config(store_url, bridge={"poll_s": 30, "working_after_s": 5})
+    bridge = await start_bridge(config, channel)
+    await bridge.submit(inbound("other", "alone"))
+    for n in range(8):
+        await bridge.submit(inbound("t", f"message {n}"))
+    await channel.wait_for(9, timeout=5)
+    assert [f"message {n}" in text for n, text in enumerate(channel.texts("t"))] == [True] * 8
+    assert not channel.working  # quick answers: no "working" sign
+    await stop_bridge(bridge)
+
+
 async def test_a_duplicate_event_is_answered_once(store_url: str) -> None:
     channel = RecordingChannel()
     bridge = await start_bridge(make_config(store_url), channel)
