@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection
 
 from core.errors import AgentServiceError
+from core.leader import Leadership
 from core.model import Inbound
 from core.sql import UNFINISHED, inbox, outbox
 from core.store import Store
@@ -150,6 +151,10 @@ class Metrics:
     def post_failed(self, source: str) -> None:
         self.post_failures.labels(source).inc()
 
+    def watch(self, leadership: Leadership) -> None:
+        """Expose whether this instance holds `leadership`'s role (`threadbridge_leader`)."""
+        self._scraped.leaderships[leadership.role] = leadership
+
     # -- scraping ------------------------------------------------------------------------------
 
     async def render(
@@ -195,6 +200,7 @@ class _Scraped(Collector):
         self._sources: list[str] = []
         self._depths: dict[tuple[str, str, str], int] | None = None
         self._breakers: dict[str, str] = {}
+        self.leaderships: dict[str, Leadership] = {}
 
     def update(
         self,
@@ -238,4 +244,14 @@ class _Scraped(Collector):
             for agent, current in sorted(self._breakers.items()):
                 for state in sorted({*BREAKER_STATES, current}):
                     family.add_metric([agent, state], 1 if state == current else 0)
+            yield family
+        if self.leaderships:
+            family = GaugeMetricFamily(
+                "threadbridge_leader",
+                "1 while this instance holds the role (e.g. telegram-poll:<bot id>: it polls "
+                "Telegram), 0 while it stands by.",
+                labels=["role"],
+            )
+            for role, leadership in sorted(self.leaderships.items()):
+                family.add_metric([role], 1 if leadership.leading else 0)
             yield family

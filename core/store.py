@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core import search as searching
 from core import sql, sqlite
+from core.leader import FileLeadership, Leadership, PostgresLeadership, lock_file
 from core.model import Conversation, Inbound, ThreadRef
 from core.search import SearchFilters as SearchFilters  # where callers have imported it from
 from core.sql import (
@@ -152,8 +153,9 @@ class Store:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._writer: sqlite.WriterThread | None = None
         self._engine: AsyncEngine | None = None
+        self._database = parsed.database or ""
         if self.is_sqlite:
-            database = parsed.database or ""
+            database = self._database
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             sync_url = parsed.set(drivername="sqlite")
@@ -170,6 +172,13 @@ class Store:
             self._readers.close()
         if self._engine is not None:
             await self._engine.dispose()
+
+    def leadership(self, role: str) -> Leadership:
+        """The lock that elects one instance on this store for `role` (see core.leader)."""
+        if self._engine is None:
+            return FileLeadership(role, lock_file(self._database, role))
+        _, options = self._engine.dialect.create_connect_args(self._engine.url)
+        return PostgresLeadership(role, options)
 
     async def write(self, job: Callable[[Connection], T]) -> T:
         """Run `job` in a write transaction; its result once committed.

@@ -4,6 +4,10 @@ We drive python-telegram-bot's `Bot` ourselves instead of its `Application`: the
 turns, so an update only has to be read and handed to `bridge.submit`. Polling confirms an
 update (the next `getUpdates` offset) only after it is stored, so a crash loses nothing; the
 update id is the event id, so a redelivered webhook is answered once.
+
+Telegram lets one process poll a bot, so with several instances on one store only the one that
+holds the role "telegram-poll:<bot id>" (core.leader) polls; the others stand by and take over
+when it goes. Webhooks and posting replies run on every instance.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from core.errors import (
     PlatformRetryable,
     StartupError,
 )
+from core.leader import Candidate
 from core.model import Reply, ThreadRef
 from core.pacing import Pacer
 
@@ -90,6 +95,9 @@ class TelegramConfig(BaseModel):
     api_base_url: str = "https://api.telegram.org/bot"
     max_chars: int = Field(default=LIMIT, ge=64, le=LIMIT)
     poll_timeout_s: int = Field(default=30, ge=0, le=50)
+    standby_retry_s: float = Field(
+        default=5.0, gt=0, le=300, description="how often a standby instance tries to poll"
+    )
     # Telegram: about 1 message a second per chat, 20 a minute per group, 30 a second in all.
     post_rate_per_chat: float = Field(default=1.0, ge=0)
     post_burst: int = Field(default=3, ge=1)
@@ -133,7 +141,7 @@ class TelegramAdapter:
         self._per_chat = Pacer(config.post_rate_per_chat, config.post_burst)
         self._per_group = Pacer(20 / 60 if config.post_rate_per_chat else 0, 20)
         self._overall = Pacer(30 if config.post_rate_per_chat else 0, 30)
-        self._poller: asyncio.Task[None] | None = None
+        self._poller: Candidate | None = None
         self._webhook_set = False
         self._seen: OrderedDict[str, None] = OrderedDict()  # commands answered, by event id
         self._drafts: dict[str, int] = {}  # thread key -> the message a streamed answer grows in
@@ -172,32 +180,51 @@ class TelegramAdapter:
             self._webhook_set = True
             log.info("telegram: @%s receives updates by webhook at %s", self.me.username, url)
         else:
-            await self.bot.delete_webhook()
-            self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
-            log.info("telegram: @%s receives updates by long polling", self.me.username)
+            leadership = bridge.store.leadership(f"telegram-poll:{self.me.id}")
+            bridge.metrics.watch(leadership)
+            self._poller = Candidate(
+                leadership,
+                self._poll,
+                retry_s=self.config.standby_retry_s,
+                on_lead=self._lead,
+                on_standby=self._stand_by,
+            )
+            await self._poller.start()
 
     async def why_not_ready(self) -> str | None:
         """Why Telegram cannot bring messages now, or None: the webhook set, or the polling
-        loop running."""
+        loop running, whether it polls here or stands by while another instance polls."""
         if self.config.mode == "webhook":
             return None if self._webhook_set else "the webhook is not set"
-        if self._poller is None or self._poller.done():
+        if self._poller is None or not self._poller.running:
             return "the polling loop is not running"
         return None
 
     async def stop(self) -> None:
         if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+            await self._poller.stop()
         await self.bot.shutdown()
 
     # -- intake --------------------------------------------------------------------------
 
+    async def _lead(self) -> None:
+        """This instance won the right to poll: no webhook may hold the updates."""
+        assert self.me is not None
+        await self.bot.delete_webhook()
+        log.info("telegram: polling Telegram (leader) for @%s", self.me.username)
+
+    def _stand_by(self) -> None:
+        assert self.me is not None
+        log.info("telegram: standing by: another instance polls Telegram for @%s", self.me.username)
+
     async def _poll(self) -> None:
-        """Long-poll `getUpdates`; an update is confirmed only after it was handled."""
+        """Long-poll `getUpdates` while this instance leads; an update is confirmed only after
+        it was handled, so updates a lost leader took but did not confirm come to the next."""
+        assert self._poller is not None
         offset: int | None = None
         pause = 1.0
         while True:
+            await self._poller.leadership.ensure()  # raises LeadershipLost: stop at once
             try:
                 updates = await self.bot.get_updates(
                     offset=offset,

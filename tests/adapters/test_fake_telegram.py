@@ -300,6 +300,26 @@ async def test_get_updates_honours_offset_limit_and_timeout(fake: FakeTelegram, 
     assert late.message and late.message.text == "late"
 
 
+async def test_calls_name_their_client_and_unconfirmed_updates_come_again(
+    fake: FakeTelegram,
+) -> None:
+    via_a = Bot(BOT_TOKEN, base_url=fake.base_url_for("a"), base_file_url=fake.base_file_url)
+    via_b = Bot(BOT_TOKEN, base_url=fake.base_url_for("b"), base_file_url=fake.base_file_url)
+    async with via_a, via_b:
+        fake.confirming = False  # as if a's confirmations never reached Telegram
+        first = fake.queue_update(fake.private_message("one"))
+        [got] = await via_a.get_updates()
+        assert await via_a.get_updates(offset=got.update_id + 1, timeout=0.1) == ()
+        fake.confirming = True
+        [again] = await via_b.get_updates()  # a poller starting afresh gets it again
+        assert again.update_id == first["update_id"]
+        assert await via_b.get_updates(offset=again.update_id + 1) == ()
+    polls = fake.calls_to("getUpdates")
+    assert [c.via for c in polls] == ["a", "a", "b", "b"]
+    assert all(c.at <= c.answered for c in polls)
+    assert fake.pending_updates == []
+
+
 async def test_polling_application_gets_each_update_once(fake: FakeTelegram) -> None:
     texts: list[str] = []
 

@@ -72,7 +72,11 @@ def load_payload(name: str) -> Json:
 
 @dataclass(frozen=True)
 class Call:
-    """One Bot API request: the method, its parsed parameters, and what the fake answered."""
+    """One Bot API request: the method, its parsed parameters, and what the fake answered.
+
+    `at` is when it came and `answered` when it was answered (a held getUpdates spans the two);
+    `via` the client's name when it came through `base_url_for(via)`, else "".
+    """
 
     method: str
     params: Json
@@ -80,6 +84,8 @@ class Call:
     status: int
     response: Json
     at: float
+    answered: float = 0.0
+    via: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,9 @@ class FakeTelegram:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrived = asyncio.Event()  # replaced at each wake-up; used on the server loop
         self._closing = False
+        # False: an offset no longer confirms (forgets) the updates below it, as when a poller
+        # dies before its next getUpdates: a poller starting afresh gets them again.
+        self.confirming = True
         self._methods: dict[str, Callable[[Json], Any]] = {
             "getMe": lambda p: self.me,
             "getUpdates": self._get_updates,
@@ -157,13 +166,21 @@ class FakeTelegram:
         }
         self._names = {name.lower(): name for name in self._methods}  # names are case-blind
         # No file downloads: base_file_url is there for the builder, nothing serves it.
-        routes = [Route("/bot{token}/{method}", self._api, methods=["GET", "POST"])]
+        routes = [
+            Route("/bot{token}/{method}", self._api, methods=["GET", "POST"]),
+            Route("/via/{via}/bot{token}/{method}", self._api, methods=["GET", "POST"]),
+        ]
         self.app = Starlette(routes=routes, lifespan=self._lifespan)
 
     @property
     def base_url(self) -> str:
         """What `ApplicationBuilder().base_url(...)` takes: calls go to `{base_url}{token}/...`."""
         return f"{self.root}/bot"
+
+    def base_url_for(self, via: str) -> str:
+        """A base URL whose calls are recorded with `via`: tells apart several clients of
+        one bot (say, the instances that share it), whose requests look alike otherwise."""
+        return f"{self.root}/via/{via}/bot"
 
     @property
     def base_file_url(self) -> str:
@@ -320,7 +337,8 @@ class FakeTelegram:
         except ApiError as e:
             status, body = e.status, e.body()
         with self._lock:
-            self._calls.append(Call(method, params, token, status, body, at))
+            via = request.path_params.get("via", "")
+            self._calls.append(Call(method, params, token, status, body, at, time.time(), via))
         return JSONResponse(body, status_code=status)
 
     async def _answer(self, token: str, method: str, params: Json) -> Any:
@@ -349,14 +367,15 @@ class FakeTelegram:
         offset, limit = int(p.get("offset") or 0), min(max(int(p.get("limit") or 100), 1), 100)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(p.get("timeout") or 0)
+        with self._lock:  # the offset confirms when the call comes, however long it is held
+            if offset > 0 and self.confirming:  # confirms (forgets) every update below it
+                self._updates = [u for u in self._updates if u["update_id"] >= offset]
+            elif offset < 0:  # the last -offset updates; older ones are forgotten
+                self._updates = self._updates[offset:]
         while True:
             arrived = self._arrived  # taken before looking: a wake-up after the look sets it
             with self._lock:
-                if offset > 0:  # confirms (forgets) every update below it
-                    self._updates = [u for u in self._updates if u["update_id"] >= offset]
-                elif offset < 0:  # the last -offset updates; older ones are forgotten
-                    self._updates = self._updates[offset:]
-                found = self._updates[:limit]
+                found = [u for u in self._updates if u["update_id"] >= offset][:limit]
             remaining = deadline - loop.time()
             if found or self._closing or remaining <= 0:
                 return found

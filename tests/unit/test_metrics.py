@@ -268,3 +268,24 @@ async def test_a_store_that_does_not_answer_is_said_and_the_scrape_still_answers
     assert value(found, "threadbridge_store_up") == 0
     assert not [name for name, _ in found if name.startswith("threadbridge_outbox_depth")]
     assert value(found, "threadbridge_post_retries_total", source="slack") == 1
+
+
+async def test_the_leader_gauge_says_which_roles_this_instance_holds(tmp_path: Path) -> None:
+    a, b = (Store(f"sqlite+aiosqlite:///{tmp_path}/tb.db") for _ in range(2))
+    await a.migrate()
+    leading, standing_by = Metrics(), Metrics()
+    first, second = a.leadership("telegram-poll:1"), b.leadership("telegram-poll:1")
+    leading.watch(first)
+    standing_by.watch(second)
+    try:
+        assert await first.acquire() and not await second.acquire()
+        found = [samples(await m.render(a, ["telegram"])) for m in (leading, standing_by)]
+        await first.release()
+        assert await second.acquire()
+        after = samples(await standing_by.render(a, ["telegram"]))
+        await second.release()
+    finally:
+        await a.close()
+        await b.close()
+    assert [value(f, "threadbridge_leader", role="telegram-poll:1") for f in found] == [1, 0]
+    assert value(after, "threadbridge_leader", role="telegram-poll:1") == 1
