@@ -512,12 +512,26 @@ def routes_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             r["set_by"] or "",
             (r["set_at"] or "")[:19].replace("T", " "),
             _short(r["situation"]),
+            _short(_access(r), 60),
         )
         for r in body["routes"]
     ]
-    rows.append(("default", "*", "*", "*", cfg.default_agent, "config", "", "", ""))
+    rows.append(("default", "*", "*", "*", cfg.default_agent, "config", "", "", "", ""))
     header = ("tier", "source", "workspace", "channel", "agent", "origin", "set by", "set at")
-    _table((*header, "situation"), rows)
+    _table((*header, "situation", "access"), rows)
+
+
+def _access(rules: dict[str, Any]) -> str:
+    """A route's or a thread's access rules on one line: `allow U1,U2; deny U3; in C1,C2`."""
+    parts = []
+    for key, label in (("allow_users", "allow"), ("deny_users", "deny"), ("allow_channels", "in")):
+        ids = rules.get(key)
+        if ids is None or (key == "deny_users" and not ids):
+            continue
+        parts.append(f"{label} {','.join(ids) or '(none)'}")
+    if rules.get("refused_notice") == "":
+        parts.append("refused silently")
+    return "; ".join(parts)
 
 
 def _short(text: str | None, width: int = 40) -> str:
@@ -685,6 +699,17 @@ def routes_explain(
         rows.append((step["tier"], scope or "-", step["agent"] or "-", origin, mark, step["note"]))
     _table(("tier", "route", "agent", "origin", "", "why"), rows)
     typer.echo(f"agent: {body['agent']}")
+    access = body["access"]
+    if not access["channel_open"]:
+        typer.echo("access: this channel is ignored (not in its route's allow_channels)")
+    else:
+        limits = [
+            f"{access[key]} {label}"
+            for key, label in (("per_user_per_minute", "a minute"), ("per_user_per_day", "a day"))
+            if access[key]
+        ]
+        rules = _access(access) or "anyone"
+        typer.echo(f"access: {rules}" + (f"; limits: {', '.join(limits)}" if limits else ""))
     current = body["conversation"]
     if current is not None:
         typer.echo(

@@ -21,6 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from core.access import Gate
 from core.agents.base import AgentResponse, AgentService, StreamingService
 from core.breaker import Admission, Breaker, Keeper
 from core.config import Config
@@ -78,6 +79,7 @@ class Submitted:
 
     event_id: str
     duplicate: bool
+    ignored: bool = False  # its channel is not in its route's allow_channels; not kept
 
 
 class Bridge:
@@ -98,6 +100,7 @@ class Bridge:
         self.services = services
         self.tools = tools or NoTools()
         self.keeper = Keeper(store, self.settings, services)
+        self.gate = Gate(config, router.file_routes(), store)
         self.breakers: dict[str, Breaker] = self.keeper.breakers  # agent -> its circuit breaker
         self.adapters: dict[str, ChannelAdapter] = {}
         self._turns: dict[int, asyncio.Task[None]] = {}
@@ -169,20 +172,26 @@ class Bridge:
     async def submit(self, inbound: Inbound) -> Submitted:
         """Keep a message for its turn and return at once; duplicates stop here."""
         bind_trace(inbound.event_id)
+        if not self.gate.channel_open(inbound.thread):
+            return Submitted(inbound.event_id, duplicate=False, ignored=True)
         self.check(inbound.text)
         intake = await self.store.add_inbound(inbound, lease_s=self._room(self._turns))
         added = intake.added
         self.metrics.accepted(inbound, duplicate=not added)
+        if added:
+            await self.keeper.accepted(inbound.event_id, inbound.thread.key)
+            await self._emit(inbound.thread.key, "accepted")
         if intake.claim is not None:
             self._start("inbox", intake.claim, self._run_turn)
         elif added:
             self._inbox_wake.set()
-            await self.keeper.accepted(inbound.event_id, inbound.thread.key)
-            await self._emit(inbound.thread.key, "accepted")
         return Submitted(inbound.event_id, duplicate=not added)
 
     async def notify(self, thread: ThreadRef, text: str) -> None:
-        """Post a notice in a thread without asking the agent (refusals, help)."""
+        """Post a notice in a thread without asking the agent (refusals, help); none in a
+        channel the routes' allow_channels leave out."""
+        if not self.gate.channel_open(thread):
+            return
         await self.store.queue_reply(thread, {"text": text, "kind": "notice"})
         self._outbox_wake.set()
 
@@ -296,17 +305,13 @@ class Bridge:
 
     async def _run_turn(self, claim: Claim) -> None:
         inbound = Inbound.from_json(claim.payload)
+        if await self.gate.turned_away(claim, inbound, self._open):  # core/access.py
+            self._outbox_wake.set()
+            await self._emit(inbound.thread.key, "turn")
+            return
         started = time.monotonic()
         working = asyncio.create_task(self._show_working(inbound.thread))
-        user = NewMessage(
-            role="user",
-            content=inbound.text,
-            name=inbound.author.name or None,
-            author_id=inbound.author.id,
-            author_name=inbound.author.name or None,
-            event_id=inbound.event_id,
-            created=claim.created,
-        )
+        user = NewMessage.of_user(inbound, claim.created)
         conversation: Conversation | None = None
         try:
             conversation, fresh = await self._conversation(inbound)
@@ -392,6 +397,10 @@ class Bridge:
             raise
         finally:
             admission.close()
+
+    async def _open(self, inbound: Inbound) -> Conversation:
+        conversation, _ = await self._conversation(inbound)
+        return conversation
 
     async def _conversation(self, inbound: Inbound) -> tuple[Conversation, bool]:
         """The thread's conversation, and whether it was opened just now (so it has no
@@ -513,7 +522,7 @@ class Bridge:
 
     async def _history(self, conversation_id: str, memory: int) -> list[Turn]:
         rows = await self.store.history(conversation_id, limit=memory)
-        return [_turn(row) for row in rows if row.kind != "notice"]
+        return [_turn(row) for row in rows if row.kind not in ("notice", "refused")]
 
     async def _show_working(self, thread: ThreadRef) -> None:
         adapter = self.adapters.get(thread.source)

@@ -6,11 +6,11 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from core import agents
 from core.agents.base import AgentConfigBase
@@ -28,6 +28,11 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _id_text(value: Any) -> Any:
+    """Telegram and Discord ids may be written as TOML integers; every id is kept as text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class ServerConfig(_Section):
@@ -94,6 +99,10 @@ class BridgeConfig(_Section):
     )
 
 
+# Platform ids (users, channels): text without spaces; TOML integers are taken as text.
+Ids = list[Annotated[str, BeforeValidator(_id_text), Field(pattern=r"^\S{1,200}$")]]
+
+
 class RouteConfig(_Section):
     source: Literal["slack", "discord", "telegram", "web", "cli"]
     workspace: str | None = None
@@ -101,6 +110,36 @@ class RouteConfig(_Section):
     agent: str
     situation: str | None = None
     respond: Literal["mentions", "all"] | None = None
+    # Who is answered in the route's scope (core/access.py has the rules; README explains).
+    allow_users: Ids | None = None
+    deny_users: Ids | None = None
+    allow_channels: Ids | None = None
+    refused_notice: str | None = Field(
+        default=None, description="told once per thread to a refused person; empty: silent"
+    )
+
+
+RATE_NOTICE = (
+    "Sorry, that is more than {limit} messages in a minute, so I did not pass this one on. "
+    "Please wait {wait} and send it again."
+)
+BUDGET_NOTICE = (
+    "Sorry, you have used today's {limit} messages, so I did not pass this one on. "
+    "You can write again at {at} (midnight UTC), in {wait}."
+)
+
+
+class LimitsConfig(_Section):
+    """Per-person limits on messages sent to the agents (off unless set; admins are exempt)."""
+
+    per_user_per_minute: int | None = Field(
+        default=None, ge=1, description="messages a person may send in any 60 seconds"
+    )
+    per_user_per_day: int | None = Field(
+        default=None, ge=1, description="messages a person may send per UTC day"
+    )
+    rate_notice: str = RATE_NOTICE
+    budget_notice: str = BUDGET_NOTICE
 
 
 class Config(_Section):
@@ -111,6 +150,7 @@ class Config(_Section):
     store: StoreConfig = StoreConfig()
     admin: AdminConfig = AdminConfig()
     bridge: BridgeConfig = BridgeConfig()
+    limits: LimitsConfig = LimitsConfig()
     agents: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tools: dict[str, dict[str, Any]] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
@@ -290,6 +330,14 @@ def _cross_check(config: Config) -> None:
                 f"unknown agent {route.agent!r}",
                 f"define [agents.{route.agent}] or use one of: {known}",
             )
+        if route.allow_channels is not None and route.channel:
+            raise ConfigError(
+                file,
+                f"routes[{index}].allow_channels",
+                "this route serves one channel already; allow_channels narrows a source or "
+                "workspace route to some of its channels",
+                "remove allow_channels here, or set it on the route without channel",
+            )
         if route.channel and not route.workspace and route.source in ("slack", "discord"):
             raise ConfigError(
                 file,
@@ -297,6 +345,7 @@ def _cross_check(config: Config) -> None:
                 "a channel route needs its workspace",
                 "add workspace = the team id (Slack) or guild id (Discord)",
             )
+    _check_notices(config)
     tools = ", ".join(sorted(config.tool_configs)) or "(none defined)"
     for agent_name, agent in config.agent_configs.items():
         for tool_name in agent.tools:
@@ -316,6 +365,21 @@ def _cross_check(config: Config) -> None:
                 "the same scope is routed twice",
                 "keep one [[routes]] entry per source/workspace/channel",
             )
+
+
+def _check_notices(config: Config) -> None:
+    """The limit notices are templates: only {limit}, {wait} and {at} may appear in them."""
+    for key in ("rate_notice", "budget_notice"):
+        text = getattr(config.limits, key)
+        try:
+            text.format(limit=1, wait="1 minute", at="00:00 UTC")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                config.path,
+                f"limits.{key}",
+                f"not a valid notice template ({type(exc).__name__}: {exc})",
+                "use only the placeholders {limit}, {wait} and {at}; write {{ and }} for braces",
+            ) from None
 
 
 def _check_agent_secrets(config: Config) -> None:

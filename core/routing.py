@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from core.config import SOURCES, Config
+from core.config import SOURCES, Config, RouteConfig
 from core.model import ThreadRef
 from core.search import storable
 from core.store import Store, aware
@@ -40,6 +40,18 @@ class Route:
     respond: str | None = None
     set_by: str | None = None
     set_at: datetime | None = None  # admin routes: when it was last set
+    # Access rules (config file routes only; core/access.py applies them). None: not set.
+    allow_users: tuple[str, ...] | None = None
+    deny_users: tuple[str, ...] | None = None
+    allow_channels: tuple[str, ...] | None = None
+    refused_notice: str | None = None
+
+    @property
+    def has_access_rules(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.allow_users, self.deny_users, self.allow_channels, self.refused_notice)
+        )
 
     @property
     def scope(self) -> tuple[str, str | None, str | None]:
@@ -111,10 +123,7 @@ class Router:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
-        self._file_routes = [
-            Route(r.source, r.workspace, r.channel, r.agent, "config", r.situation, r.respond)
-            for r in config.routes
-        ]
+        self._file_routes = [_from_config(r) for r in config.routes]
         self._admin_routes: list[Route] = []
         self._loaded_at = 0.0
 
@@ -231,6 +240,25 @@ def parse_thread(text: str) -> ThreadRef:
         )
     parts += ["-"] * (3 - len(parts))
     return ThreadRef(source, parts[0], parts[1], parts[2])
+
+
+def _from_config(r: RouteConfig) -> Route:
+    def ids(values: list[str] | None) -> tuple[str, ...] | None:
+        return tuple(values) if values is not None else None
+
+    return Route(
+        r.source,
+        r.workspace,
+        r.channel,
+        r.agent,
+        "config",
+        r.situation,
+        r.respond,
+        allow_users=ids(r.allow_users),
+        deny_users=ids(r.deny_users),
+        allow_channels=ids(r.allow_channels),
+        refused_notice=r.refused_notice,
+    )
 
 
 def _from_row(row: Any) -> Route:

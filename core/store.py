@@ -81,6 +81,22 @@ class NewMessage:
     created: datetime | None = None
     post: bool = False  # also queue it in the outbox for the platform
 
+    @classmethod
+    def of_user(
+        cls, inbound: Inbound, created: datetime | None, kind: str = "message"
+    ) -> NewMessage:
+        """What a person wrote, as stored with its turn (`refused`: not sent to the agent)."""
+        return cls(
+            role="user",
+            content=inbound.text,
+            kind=kind,
+            name=inbound.author.name or None,
+            author_id=inbound.author.id,
+            author_name=inbound.author.name or None,
+            event_id=inbound.event_id,
+            created=created,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class RouteChange:
@@ -225,6 +241,7 @@ class Store:
             "event_id": inbound.event_id,
             "thread_key": inbound.thread.key,
             "source": inbound.thread.source,
+            "author_id": inbound.author.id,
             "payload": inbound.to_json(),
             "status": "pending",
             "attempts": 0,
@@ -551,11 +568,13 @@ class Store:
         new: Sequence[NewMessage],
         *,
         failed: str | None = None,
+        refused: str | None = None,
         remote_id: str | None = None,
         state: dict[str, Any] | None = None,
         lease_s: float | None = None,
     ) -> Handoff:
-        """Store a turn's messages, queue its replies and close its inbox item, atomically.
+        """Store a turn's messages, queue its replies and close its inbox item, atomically;
+        `refused` (the reason) closes it as refused: not sent to the agent (core/access.py).
 
         With `lease_s` the first reply is taken at once for posting (see `add_inbound`), and
         so is the thread's next message waiting for its turn; their claims are returned.
@@ -570,9 +589,9 @@ class Store:
                 {
                     "b_id": claim.id,
                     "b_token": claim.token,
-                    "b_status": "failed" if failed else "done",
+                    "b_status": "failed" if failed else "refused" if refused else "done",
                     "b_conversation_id": conversation.id,
-                    "b_error": failed[:2000] if failed else None,
+                    "b_error": (failed or refused or "")[:2000] or None,
                     "b_now": now,
                 },
             )

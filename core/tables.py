@@ -143,14 +143,17 @@ class InboxRow(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_inbox_status", "status", "id"),
         sa.Index("ix_inbox_thread", "thread_key", "status", "id"),
+        # A person's recent messages, for the per-user limits (core/access.py).
+        sa.Index("ix_inbox_author", "source", "author_id", "created"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     event_id: str = Field(unique=True)
     thread_key: str
     source: str = Field(max_length=32)
+    author_id: str | None = None
     payload: dict[str, Any] = Field(sa_type=JSONType)
-    status: str = Field(default="pending", max_length=16)  # pending|working|done|failed
+    status: str = Field(default="pending", max_length=16)  # pending|working|done|failed|refused
     attempts: int = 0
     claim_token: str | None = None
     lease_until: datetime | None = Field(default=None, sa_type=Stamp)

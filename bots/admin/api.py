@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from bots.admin.actions import Admin, AdminError
+from core.access import policy_for
 from core.model import Conversation, ThreadRef
 from core.routing import ExplainStep, Route, parse_thread
 from core.search import FilterError, search_filters, storable
@@ -109,6 +110,10 @@ def route_json(route: Route, overridden: bool = False) -> dict[str, Any]:
         "agent": route.agent,
         "situation": route.situation,
         "respond": route.respond,
+        "allow_users": _ids(route.allow_users),
+        "deny_users": _ids(route.deny_users),
+        "allow_channels": _ids(route.allow_channels),
+        "refused_notice": route.refused_notice,
         "origin": route.origin,
         "set_by": route.set_by,
         "set_at": _iso(route.set_at),
@@ -162,7 +167,27 @@ async def explain_json(admin: Admin, thread: ThreadRef) -> dict[str, Any]:
         "agent": chosen.agent,
         "steps": [step_json(s) for s in steps],
         "conversation": conversation_json(current) if current else None,
+        "access": access_json(admin, thread),
     }
+
+
+def access_json(admin: Admin, thread: ThreadRef) -> dict[str, Any]:
+    """Who is answered in a thread's channel, from the file's routes, and the limits."""
+    policy = policy_for(admin.router.file_routes(), thread)
+    limits = admin.config.limits
+    return {
+        "channel_open": policy.channel_open(thread),
+        "allow_users": _ids(policy.allow_users),
+        "deny_users": _ids(policy.deny_users),
+        "allow_channels": _ids(policy.allow_channels),
+        "refused_notice": policy.refused_notice,
+        "per_user_per_minute": limits.per_user_per_minute,
+        "per_user_per_day": limits.per_user_per_day,
+    }
+
+
+def _ids(values: Iterable[str] | None) -> list[str] | None:
+    return sorted(values) if values is not None else None
 
 
 def _iso(value: datetime | None) -> str | None:

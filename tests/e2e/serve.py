@@ -107,10 +107,10 @@ class ServeProcess:
         return response.json()
 
 
-def search(serve: ServeProcess, *args: str) -> list[dict[str, Any]]:
-    """`threadbridge conversations search --json ARGS` against `serve`'s config: the items."""
+def command(serve: ServeProcess, *args: str) -> str:
+    """`threadbridge ARGS --config` `serve`'s config: what it printed (it must succeed)."""
     done = subprocess.run(
-        [THREADBRIDGE, "conversations", "search", "--config", str(serve.config), "--json", *args],
+        [THREADBRIDGE, *args, "--config", str(serve.config)],
         cwd=serve.workdir,
         env=serve.env,
         capture_output=True,
@@ -118,5 +118,12 @@ def search(serve: ServeProcess, *args: str) -> list[dict[str, Any]]:
         timeout=60,
         check=True,
     )
-    found: list[dict[str, Any]] = json.loads(done.stdout)["items"]
+    return done.stdout
+
+
+def search(serve: ServeProcess, *args: str) -> list[dict[str, Any]]:
+    """`threadbridge conversations search --json ARGS` against `serve`'s config: the items."""
+    found: list[dict[str, Any]] = json.loads(
+        command(serve, "conversations", "search", "--json", *args)
+    )["items"]
     return found
