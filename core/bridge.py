@@ -552,6 +552,8 @@ class Bridge:
             kind=kind,
             reply_to=payload.get("reply_to"),
             posted=tuple(payload.get("posted") or ()),
+            key=str(claim.id),
+            retry=claim.attempts > 1,
         )
         try:
             ids = await adapter.post(reply)

@@ -96,6 +96,10 @@ class Reply:
     # Ids of the parts an earlier attempt already posted: a reply split in several messages
     # resumes after them instead of posting them again.
     posted: tuple[str, ...] = ()
+    key: str = ""  # the same for every attempt to post this reply (its outbox id)
+    # An earlier attempt may have posted some of it unrecorded (a crash, a lapsed lease): an
+    # adapter that can ask the platform what is already in the thread does so before posting.
+    retry: bool = False
 
 
 @dataclass(frozen=True, slots=True)

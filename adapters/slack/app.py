@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import weakref
 from typing import Any
 
 import aiohttp
@@ -33,6 +34,13 @@ from adapters.slack.convert import (
     to_inbound,
 )
 from adapters.slack.format import to_mrkdwn
+from adapters.slack.marks import (
+    parts_of,
+    placeholder_mark,
+    placeholders_in,
+    read_marked,
+    reply_mark,
+)
 from core.bridge import Bridge
 from core.errors import MessageRejected, PlatformRejected, PlatformRetryable, StartupError
 from core.model import Reply, ThreadRef
@@ -131,6 +139,10 @@ class SlackAdapter:
         self._socket: Any = None
         # thread key -> a "thinking" message being posted (its ts then lives in the store)
         self._placeholders: dict[str, asyncio.Task[str | None]] = {}
+        # thread key -> the lock its posts take turns on (gone once no post holds it)
+        self._posting: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._assistant_threads: set[str] = set()
         self._names: dict[str, str] = {}  # user id -> display name
         self._channel_names: dict[str, str] = {}
@@ -401,7 +413,8 @@ class SlackAdapter:
         if not await self.bridge.store.keep_draft(thread.key, ""):
             return await self._await_draft(thread)
         try:
-            answer = await self.client.chat_postMessage(**post_args(thread, text))
+            args = post_args(thread, text, placeholder_mark(thread))
+            answer = await self.client.chat_postMessage(**args)
         except BaseException:
             await self.bridge.store.drop_draft(thread.key, "")
             raise
@@ -410,16 +423,43 @@ class SlackAdapter:
         return ts
 
     async def _await_draft(self, thread: ThreadRef, wait_s: float = 5.0) -> str | None:
-        """The draft another instance is posting, once it has a ts; a note left by a crash
-        mid-post is given up after `wait_s` (that placeholder, if posted, stays)."""
+        """The draft another instance is posting, once it has a ts; a note still without one
+        after `wait_s` was left by a crash mid-post, and Slack tells whether that post landed."""
         assert self.bridge is not None
         deadline = asyncio.get_running_loop().time() + wait_s
         while (known := await self.bridge.store.draft_of(thread.key)) == "":
             if asyncio.get_running_loop().time() > deadline:
-                await self.bridge.store.drop_draft(thread.key, "")
-                return None
+                return await self._adopt_placeholder(thread)
             await asyncio.sleep(0.05)
         return known
+
+    async def _adopt_placeholder(self, thread: ThreadRef) -> str | None:
+        """The placeholder a crash left unrecorded, found in the thread by its metadata: the
+        newest becomes the thread's draft and older ones are deleted; None when none landed."""
+        assert self.bridge is not None
+        found = placeholders_in(await self._marked(thread))
+        if not found:
+            await self.bridge.store.drop_draft(thread.key, "")
+            return None
+        *older, newest = found
+        await self.bridge.store.fill_draft(thread.key, newest)
+        log.info("slack: %s: took over a placeholder a crash left unrecorded", thread.key)
+        for ts in older:
+            with contextlib.suppress(SlackApiError):
+                await self.client.chat_delete(channel=thread.channel, ts=ts)
+        return await self.bridge.store.draft_of(thread.key) or None
+
+    async def _marked(self, thread: ThreadRef) -> list[dict[str, Any]]:
+        """The bot's marked messages in the thread (adapters/slack/marks.py); none when Slack
+        cannot say (a missing history scope, an outage): then a post goes ahead, as a message
+        shown twice is better than one never shown."""
+        assert self.me is not None
+        try:
+            return await read_marked(self.client, thread, self.me)
+        except (SlackApiError, OSError, TimeoutError) as exc:
+            error = _error_of(exc) if isinstance(exc, SlackApiError) else repr(exc)
+            log.warning("slack: cannot read %s to check for earlier posts: %s", thread.key, error)
+            return []
 
     async def draft(self, thread: ThreadRef, text: str) -> None:
         """A streaming agent's answer so far, in the placeholder (posted now if need be)."""
@@ -444,32 +484,58 @@ class SlackAdapter:
 
         A single-part answer replaces the placeholder; the placeholder is forgotten only after
         that, so a crash in between repeats the same edit rather than posting the answer twice.
+        Each part is marked with metadata; a retry first reads the thread for marked parts an
+        attempt cut short posted without recording them, and does not post those again. Posts
+        in one thread go one at a time: a retry that took over a lapsed lease here waits for
+        the attempt still under way, then reads what it posted.
         """
-        assert self.bridge is not None
+        lock = self._posting.get(reply.thread.key)
+        if lock is None:
+            lock = self._posting[reply.thread.key] = asyncio.Lock()
+        async with lock:
+            return await self._post_parts(reply)
+
+    async def _post_parts(self, reply: Reply) -> list[str]:
         thread = reply.thread
         parts = split_text(to_mrkdwn(reply.text), self.config.max_chars) or ["…"]
-        placeholder = await self._take_placeholder(thread) if not reply.posted else None
+        there = parts_of(await self._marked(thread), reply.key) if reply.retry else {}
+        todo = range(len(reply.posted), len(parts))
         posted: list[str] = []
         try:
-            if placeholder is not None:
-                try:
-                    if len(parts) == 1:  # the store forgets it when the post is marked sent
-                        await self.client.chat_update(
-                            channel=thread.channel, ts=placeholder, text=parts[0]
-                        )
-                        return [placeholder]
-                    await self.client.chat_delete(channel=thread.channel, ts=placeholder)
-                except SlackApiError as exc:
-                    if _error_of(exc) not in GONE:
-                        raise
-                await self.bridge.store.drop_draft(thread.key, placeholder)
-            for part in parts[len(reply.posted) :]:
-                await self._pacer.wait(f"{thread.workspace}/{thread.channel}")
-                answer = await self.client.chat_postMessage(**post_args(thread, part))
-                posted.append(str(answer["ts"]))
+            if not reply.posted and not there:
+                placeholder = await self._take_placeholder(thread)
+                if placeholder is not None and await self._into_placeholder(
+                    reply, parts, placeholder
+                ):
+                    return [placeholder]
+            for index in todo:
+                if index not in there:
+                    await self._pacer.wait(f"{thread.workspace}/{thread.channel}")
+                    args = post_args(thread, parts[index], reply_mark(reply.key, index))
+                    there[index] = str((await self.client.chat_postMessage(**args))["ts"])
+                posted.append(there[index])
         except SlackApiError as exc:
             raise _platform_error(exc, posted) from exc
         return posted
+
+    async def _into_placeholder(self, reply: Reply, parts: list[str], placeholder: str) -> bool:
+        """Write a single-part answer into the placeholder (True), or delete the placeholder
+        so that the parts follow it as new messages (False; also when it is gone)."""
+        assert self.bridge is not None
+        channel = reply.thread.channel
+        try:
+            if len(parts) == 1:  # the store forgets it when the post is marked sent
+                mark = reply_mark(reply.key, 0)
+                await self.client.chat_update(
+                    channel=channel, ts=placeholder, text=parts[0], metadata=mark
+                )
+                return True
+            await self.client.chat_delete(channel=channel, ts=placeholder)
+        except SlackApiError as exc:
+            if _error_of(exc) not in GONE:
+                raise
+        await self.bridge.store.drop_draft(reply.thread.key, placeholder)
+        return False
 
 
 def _error_of(exc: SlackApiError) -> str:

@@ -153,9 +153,12 @@ def conversation_data(
     return data
 
 
-def post_args(thread: ThreadRef, text: str) -> dict[str, Any]:
-    """`chat.postMessage` arguments for one part of a reply, in the thread."""
-    return {
+def post_args(
+    thread: ThreadRef, text: str, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`chat.postMessage` arguments for one part of a reply, in the thread, with `metadata`
+    (adapters/slack/marks.py) when given."""
+    args: dict[str, Any] = {
         "channel": thread.channel,
         "thread_ts": thread.thread,
         "text": text,
@@ -163,3 +166,6 @@ def post_args(thread: ThreadRef, text: str) -> dict[str, Any]:
         "unfurl_links": False,
         "unfurl_media": False,
     }
+    if metadata is not None:
+        args["metadata"] = metadata
+    return args

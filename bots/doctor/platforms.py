@@ -30,6 +30,7 @@ SLACK_BOT_SCOPES = (
     "im:history",
     "im:read",
     "im:write",
+    "mpim:history",
     "users:read",
 )
 # Application flags GATEWAY_MESSAGE_CONTENT (bit 18) and GATEWAY_MESSAGE_CONTENT_LIMITED (19).

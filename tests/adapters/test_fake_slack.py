@@ -134,6 +134,53 @@ async def test_server_error_and_error_injection(fake: FakeSlack, client: AsyncWe
     assert fake.texts() == ["x"]
 
 
+async def test_a_landed_failure_posts_and_still_fails(
+    fake: FakeSlack, client: AsyncWebClient
+) -> None:
+    fake.fail("chat.postMessage", 1, status=500, landed=True)
+    with pytest.raises(SlackApiError):
+        await client.chat_postMessage(channel="C0001", text="lost answer")
+    assert fake.texts() == ["lost answer"]
+
+
+async def test_replies_page_through_a_thread_with_metadata_on_request(
+    fake: FakeSlack, client: AsyncWebClient
+) -> None:
+    root = await client.chat_postMessage(channel="C0001", text="root")
+    mark = {"event_type": "threadbridge_reply", "event_payload": {"item": "7", "part": 0}}
+    replies = [
+        await client.chat_postMessage(
+            channel="C0001", text=f"r{i}", thread_ts=root["ts"], metadata=mark
+        )
+        for i in range(5)
+    ]
+    await client.chat_delete(channel="C0001", ts=replies[1]["ts"])
+    await client.chat_postMessage(channel="C0001", text="elsewhere", thread_ts="1.000001")
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = await client.conversations_replies(
+            channel="C0001", ts=root["ts"], limit=2, cursor=cursor, include_all_metadata=True
+        )
+        pages += 1
+        seen += page["messages"]
+        cursor = page["response_metadata"]["next_cursor"]
+        assert page["has_more"] is bool(cursor)
+        if not cursor:
+            break
+    assert pages == 3
+    assert [m["text"] for m in seen] == ["root", "r0", "r2", "r3", "r4"]
+    assert [m.get("metadata") for m in seen[1:]] == [mark] * 4
+    assert all(m["bot_id"] == "BBOT" for m in seen)
+
+    plain = await client.conversations_replies(channel="C0001", ts=root["ts"])
+    assert len(plain["messages"]) == 5
+    assert not any("metadata" in m for m in plain["messages"])
+    with pytest.raises(SlackApiError) as caught:
+        await client.conversations_replies(channel="C0001", ts=root["ts"], cursor="not base64!")
+    assert caught.value.response["error"] == "invalid_cursor"
+
+
 async def test_bad_missing_and_wrong_kind_of_token(fake: FakeSlack) -> None:
     with pytest.raises(SlackApiError) as caught:
         await AsyncWebClient(token="xoxb-wrong", base_url=fake.base_url).auth_test()

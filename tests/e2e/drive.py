@@ -21,7 +21,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from core.sql import messages
+from core.sql import inbox, messages
 from core.store import Store
 from tests.fakes.slack import FakeSlack, event_callback, sign
 
@@ -210,6 +210,16 @@ async def stored_notices(url: str) -> int:
     def job(conn: Connection) -> int:
         query = sa.select(sa.func.count()).where(messages.c.kind == "notice")
         return int(conn.execute(query).scalar_one())
+
+    return await _read(url, job)
+
+
+async def failed_turns(url: str) -> list[tuple[str, str]]:
+    """(event id, reason) of every turn that ended failed."""
+
+    def job(conn: Connection) -> list[tuple[str, str]]:
+        query = sa.select(inbox.c.event_id, inbox.c.error).where(inbox.c.status == "failed")
+        return [(str(row.event_id), str(row.error or "")) for row in conn.execute(query)]
 
     return await _read(url, job)
 

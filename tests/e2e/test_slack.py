@@ -3,6 +3,7 @@ the fake Slack on loopback, reached only through `[slack] api_base_url`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -13,6 +14,10 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
+from adapters.slack.convert import post_args
+from adapters.slack.marks import placeholder_mark
+from core.model import ThreadRef
+from core.store import Store
 from tests.e2e.serve import ServeProcess, search
 from tests.fakes.slack import (
     APP_TOKEN,
@@ -33,6 +38,7 @@ pytestmark = pytest.mark.e2e
 
 SECRET = "signing-secret-for-tests"
 MENTION = f"<@{BOT_USER_ID}>"
+BOT_AUTH = {"Authorization": f"Bearer {BOT_TOKEN}"}
 
 
 def config_text(
@@ -343,6 +349,9 @@ def test_the_placeholder_is_updated_with_the_answer(serve: ServeProcess, slack: 
     [update] = slack.calls_to("chat.update")
     assert update.params["ts"] == placeholder.response["ts"]
     assert "short one" in answer
+    assert placeholder.params["metadata"]["event_type"] == "threadbridge_placeholder"
+    assert update.params["metadata"]["event_type"] == "threadbridge_reply"
+    assert not slack.calls_to("conversations.replies")  # a first attempt reads nothing
 
 
 def test_a_quick_answer_is_posted_without_a_placeholder(tmp_path: Path, slack: FakeSlack) -> None:
@@ -405,6 +414,56 @@ def test_a_split_answer_that_fails_midway_resumes_without_repeating(
     for i in range(20):
         assert joined.count(f"Part {i}:") == 1, i
     assert texts[0].startswith("You said")
+
+
+def test_a_part_that_landed_though_slack_answered_an_error_is_not_posted_again(
+    serve: ServeProcess, slack: FakeSlack
+) -> None:
+    # The third part reaches Slack but its answer is a 500 (as when a crash cuts the post off
+    # before it is recorded): the retry reads the thread and finds it by its metadata.
+    slack.fail("chat.postMessage", times=1, status=500, after=3, landed=True)
+    root = app_mention(f"{MENTION} {long_question()}")
+    deliver(serve, root)
+    texts = wait_texts(slack, "C0001", root["ts"], 4, timeout=30)
+    time.sleep(1.0)
+    texts = wait_texts(slack, "C0001", root["ts"], 4)
+    joined = "".join(texts)
+    for i in range(20):
+        assert joined.count(f"Part {i}:") == 1, i
+    [read] = slack.calls_to("conversations.replies")
+    assert read.params["include_all_metadata"] in ("1", "true")
+    marks = [m["metadata"]["event_payload"] for m in slack.posted("C0001", root["ts"])]
+    assert [m["part"] for m in marks] == list(range(len(texts)))
+    assert len({m["item"] for m in marks}) == 1
+
+
+def test_a_placeholder_a_crash_left_unrecorded_gets_the_answer(
+    tmp_path: Path, serve: ServeProcess, slack: FakeSlack
+) -> None:
+    # As a kill between "posting a placeholder" and "its ts" leaves it: a note without a ts in
+    # the store, and in Slack a marked placeholder (with an older one a crash left before).
+    root = app_mention(f"{MENTION} after a crash")
+    thread = ThreadRef("slack", "T0001", "C0001", root["ts"])
+    posted = []
+    for _ in range(2):
+        args = post_args(thread, "_is thinking…_", placeholder_mark(thread))
+        answer = httpx.post(f"{slack.base_url}chat.postMessage", json=args, headers=BOT_AUTH)
+        posted.append(answer.json()["ts"])
+    asyncio.run(note_draft(f"sqlite+aiosqlite:///{tmp_path}/tb.db", thread.key))
+    deliver(serve, root)
+    [text] = wait_texts(slack, "C0001", root["ts"], 1, timeout=30)
+    time.sleep(0.5)
+    assert "after a crash" in text
+    assert [m["ts"] for m in slack.posted("C0001", root["ts"])] == [posted[1]]
+    assert len(slack.calls_to("chat.postMessage")) == 2  # the test's two: the bot posted none
+
+
+async def note_draft(store_url: str, thread_key: str) -> None:
+    store = Store(store_url)
+    try:
+        assert await store.keep_draft(thread_key, "")
+    finally:
+        await store.close()
 
 
 def test_a_429_storm_delivers_every_reply(serve: ServeProcess, slack: FakeSlack) -> None:

@@ -9,6 +9,8 @@ the bottom make events shaped like Slack's, for HTTP mode (with `sign`) or for `
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -93,6 +95,7 @@ class Fault:
     status: int
     error: str
     retry_after: int
+    landed: bool = False  # the call took effect; only its answer is the failure
 
 
 class SlackError(Exception):
@@ -150,6 +153,7 @@ class FakeSlack:
             "assistant.threads.setSuggestedPrompts": lambda p: {},
             "users.info": lambda p: {"user": self._user(p.get("user", ""))},
             "conversations.info": lambda p: {"channel": self._channel(p.get("channel", ""))},
+            "conversations.replies": self._replies,
             "apps.connections.open": self._connections_open,
         }
         self.app = Starlette(
@@ -222,12 +226,14 @@ class FakeSlack:
         error: str | None = None,
         retry_after: int = 1,
         after: int = 0,
+        landed: bool = False,
     ) -> None:
         """Answer the next `times` authorized calls to `method` with a failure, once `after`
         calls have been answered normally.
 
         `status=429` sends `Retry-After` and error `ratelimited`; `status=500` an HTTP 500;
-        `error=...` alone the usual HTTP 200 with `"ok": false`.
+        `error=...` alone the usual HTTP 200 with `"ok": false`. `landed`: the call is carried
+        out all the same (a message posted), as when Slack's answer is what got lost.
         """
         if status is None and error is None:
             raise ValueError("fail() needs a status or an error")
@@ -236,7 +242,7 @@ class FakeSlack:
         with self._lock:
             queue = self._faults.setdefault(method, [])
             queue.extend([None] * after)
-            queue.extend(Fault(status, error or default, retry_after) for _ in range(times))
+            queue.extend(Fault(status, error or default, retry_after, landed) for _ in range(times))
 
     def slow(self, method: str, seconds: float) -> None:
         """Answer every later call to `method` only after `seconds` (0: at once again)."""
@@ -425,6 +431,9 @@ class FakeSlack:
             queue = self._faults.get(method)
             fault = queue.pop(0) if queue else None
         if fault is not None:
+            if fault.landed:
+                with contextlib.suppress(SlackError):
+                    handler(params)
             headers = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else {}
             return fault.status, {"ok": False, "error": fault.error}, headers
         try:
@@ -490,6 +499,37 @@ class FakeSlack:
                 raise SlackError("message_not_found")
             message["deleted"] = True
         return {"channel": channel, "ts": ts}
+
+    def _replies(self, params: dict[str, Any]) -> dict[str, Any]:
+        """conversations.replies over the messages the fake holds (the bot's: what people
+        write is not kept), the thread's root first, `limit` a page with a cursor to the next;
+        `metadata` only with `include_all_metadata`, as Slack does."""
+        channel, ts = params.get("channel", ""), params.get("ts", "")
+        if not channel:
+            raise SlackError("channel_not_found")
+        if not ts:
+            raise SlackError("thread_not_found")
+        limit = max(1, min(int(params.get("limit") or 1000), 1000))
+        metadata = str(params.get("include_all_metadata", "")).lower() in ("1", "true")
+        with self._lock:
+            thread = [
+                _public(m)
+                for m in self._messages.values()
+                if m["channel"] == channel
+                and not m.get("deleted")
+                and ts in (m["ts"], m.get("thread_ts"))
+            ]
+        thread.sort(key=lambda m: float(m["ts"]))
+        start = _cursor_start(params.get("cursor"), thread)
+        page, rest = thread[start : start + limit], thread[start + limit :]
+        if not metadata:
+            page = [{k: v for k, v in m.items() if k != "metadata"} for m in page]
+        after = "next_ts:" + rest[0]["ts"] if rest else ""
+        return {
+            "messages": page,
+            "has_more": bool(rest),
+            "response_metadata": {"next_cursor": base64.b64encode(after.encode()).decode()},
+        }
 
     def _permalink(self, params: dict[str, Any]) -> dict[str, Any]:
         channel, ts = params.get("channel", ""), params.get("message_ts", "")
@@ -617,6 +657,18 @@ def _kept(params: dict[str, Any]) -> dict[str, Any]:
         if isinstance(kept[key], str) and kept[key][:1] in "[{":
             kept[key] = json.loads(kept[key])
     return kept
+
+
+def _cursor_start(cursor: Any, thread: list[dict[str, Any]]) -> int:
+    """Where a conversations.replies cursor (base64 of `next_ts:TS`) points in `thread`."""
+    if not cursor:
+        return 0
+    try:
+        after = base64.b64decode(str(cursor), validate=True).decode().removeprefix("next_ts:")
+        float(after)
+    except ValueError:
+        raise SlackError("invalid_cursor") from None
+    return next((i for i, m in enumerate(thread) if float(m["ts"]) >= float(after)), len(thread))
 
 
 def _public(message: dict[str, Any]) -> dict[str, Any]:

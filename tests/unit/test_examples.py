@@ -27,7 +27,7 @@ def test_the_slack_manifest_asks_for_what_the_adapter_uses() -> None:
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {
         "app_mentions:read", "chat:write", "channels:history", "groups:history", "im:history",
-        "im:read", "im:write", "assistant:write", "commands", "users:read",
+        "im:read", "im:write", "assistant:write", "commands", "users:read", "mpim:history",
     } <= scopes  # fmt: skip
     events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
     assert events == {
