@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from bots.admin.api import admin_guard, admin_routes
 from bots.admin.pages import admin_pages
 from bots.app import App
+from bots.bodylimit import BodyLimit
 from core.errors import ThreadbridgeError
 from core.metrics import CONTENT_TYPE
 
@@ -40,6 +41,7 @@ def create_app(app: App) -> FastAPI:
             await app.stop()
 
     api = FastAPI(title="threadbridge", version="0.1.0", lifespan=lifespan)
+    api.add_middleware(BodyLimit, max_bytes=app.config.server.max_body_bytes)
 
     @api.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -35,6 +36,7 @@ from core.errors import (
 from core.logs import bind_trace
 from core.metrics import Metrics
 from core.model import Conversation, Inbound, Reply, ReplyKind, ThreadRef, ToolCall, Turn
+from core.outage import StoreOutage, store_unavailable
 from core.routing import Router
 from core.store import Claim, ClaimLost, NewMessage, Store
 from core.tools import NoTools, ToolRunner
@@ -112,6 +114,7 @@ class Bridge:
         self._stopping = False
         self.listeners: list[Callable[[str, str], Awaitable[None]]] = []
         self.metrics = Metrics()  # counted here, scraped at /metrics
+        self.outage = StoreOutage(log)  # the loops' store failures, said in a few lines
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -243,10 +246,13 @@ class Bridge:
             free = min(batch, bound - len(running))
             try:
                 claims = await claim(list(self.adapters), free, self.settings.lease_s)
-            except Exception:
-                log.exception("%s: claiming work failed; trying again", name)
+            except Exception as exc:
+                self.outage.failed(f"claiming {name} work", exc)
                 claims = []
                 await asyncio.sleep(self.settings.poll_s)
+            else:
+                if free > 0:  # (with no room, the store was not asked)
+                    self.outage.ok()
             for item in claims:
                 self._start(name, item, work)
             if claims and len(claims) == free:
@@ -277,8 +283,12 @@ class Bridge:
             await work(item)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("%s item %d: unexpected failure; it will be retried", name, item.id)
+        except Exception as exc:
+            if store_unavailable(exc):  # said once by `outage`; its lease lapses meanwhile
+                self.outage.failed(f"{name} item {item.id}", exc)
+                log.info("%s item %d: the store is unavailable; it will be retried", name, item.id)
+            else:
+                log.exception("%s item %d: unexpected failure; it will be retried", name, item.id)
         finally:
             running = self._turns if name == "inbox" else self._posts
             was_full = len(running) >= self.settings.max_turns
@@ -298,15 +308,20 @@ class Bridge:
         while True:
             await asyncio.sleep(every)
             for name, tokens in self._tokens.items():
+                if not tokens:
+                    continue
                 try:
                     await self.store.renew(name, list(tokens), self.settings.lease_s)
-                except Exception:
-                    log.exception("renewing %s leases failed", name)
+                except Exception as exc:
+                    self.outage.failed(f"renewing {name} leases", exc)
+                else:
+                    self.outage.ok()
 
     async def _run_turn(self, claim: Claim) -> None:
         inbound = Inbound.from_json(claim.payload)
         if await self.gate.turned_away(claim, inbound, self._open):  # core/access.py
-            self._outbox_wake.set()
+            self._outbox_wake.set()  # its notice, and the thread's next message, are queued
+            self._inbox_wake.set()
             await self._emit(inbound.thread.key, "turn")
             return
         started = time.monotonic()
@@ -327,19 +342,16 @@ class Bridge:
                     admission, claim, service, conversation, inbound, fresh=fresh
                 )
             if produced is not None:
-                await self._finish(
-                    claim,
-                    conversation,
-                    [user, *produced],
-                    remote_id=conversation.remote_id,
-                    state=conversation.state,
-                )
+                await self._store_answer(claim, conversation, [user, *produced])
                 self.metrics.turn_answered(conversation.agent, started)
         except ClaimLost as exc:
             log.warning("%s; dropping this worker's result", exc)
         except Exception as exc:
-            if conversation is None:
-                raise  # nothing opened yet (the store failed): the lease lapses, and it is retried
+            if conversation is None or store_unavailable(exc):
+                # The store failed, not the agent: no failure notice (it could not be written,
+                # or worse, be written later beside an answer that exists). The lease lapses
+                # and the turn is retried once the store is back.
+                raise
             if isinstance(exc, AgentServiceError):
                 log.warning("turn %s failed: %s", inbound.event_id, exc)
             else:
@@ -367,6 +379,41 @@ class Bridge:
             self._start("outbox", item, self._post)
         if handoff.next_turn is not None:
             self._start("inbox", handoff.next_turn, self._run_turn)
+
+    async def _store_answer(
+        self, claim: Claim, conversation: Conversation, new: list[NewMessage]
+    ) -> None:
+        """Store an answered turn; while the store is unavailable, try again with backoff for up
+        to `lease_s`.
+
+        The answer exists only in memory here, so a short outage costs a delay, not a second
+        call to the agent. Past `lease_s` another worker may take the item, so the error goes up
+        and the lease lapses: the turn is retried when the store is back, and the agent is asked
+        again (the one cost of a long outage). A late result that meets a new owner is dropped
+        by `finish_turn`'s claim check (ClaimLost).
+        """
+        deadline = time.monotonic() + self.settings.lease_s
+        event_id = claim.payload.get("event_id")
+        for attempt in itertools.count():
+            try:
+                await self._finish(
+                    claim,
+                    conversation,
+                    new,
+                    remote_id=conversation.remote_id,
+                    state=conversation.state,
+                )
+            except Exception as exc:
+                delay = min(0.2 * 2**attempt, 5.0) * random.uniform(0.5, 1)
+                if not store_unavailable(exc) or time.monotonic() + delay > deadline:
+                    raise
+                self.outage.failed(f"storing the answer to {event_id}", exc)
+                if attempt == 0:
+                    log.info("turn %s answered; storing it once the store is back", event_id)
+                await asyncio.sleep(delay)
+            else:
+                self.outage.ok()
+                return
 
     async def _ask(
         self,

@@ -39,6 +39,11 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     public_url: str | None = None
+    # Slack events are under 100 KB, Telegram updates smaller, and a web chat message is at
+    # most `max_message_chars` (16,000 characters, under 200 KB as escaped JSON).
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="a larger request body is refused with 413"
+    )
 
 
 class StoreConfig(_Section):

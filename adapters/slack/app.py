@@ -45,6 +45,7 @@ from core.bridge import Bridge
 from core.errors import MessageRejected, PlatformRejected, PlatformRetryable, StartupError
 from core.model import Reply, ThreadRef
 from core.pacing import Pacer
+from core.search import storable
 from core.text import split_text
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,8 @@ class SlackAdapter:
         if not channel or not ts:
             return
         team = str(body.get("team_id") or "-")
+        if not all(storable(part) for part in (team, str(channel), str(ts))):
+            return  # no Slack id holds a lone surrogate or a NUL: not from Slack
         thread = ThreadRef(SOURCE, team, str(channel), str(ts))
         self._assistant_threads.add(thread.key)
         assert self.bridge is not None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from core.model import Author, Inbound, ThreadRef
+from core.search import storable
 
 SOURCE = "slack"
 # Message subtypes a person's words arrive with; every other subtype (edits, deletions,
@@ -103,9 +104,13 @@ def _well_typed(body: dict[str, Any], event: dict[str, Any]) -> bool:
         event.get(k) for k in ("thread_ts", "text", "subtype", "channel_type", "team", "user_team")
     ]
     files = event.get("files")
+    ids = [event.get(k) for k in ("user", "channel", "ts", "thread_ts", "team", "user_team")]
+    ids.append(body.get("team_id"))
     return (
         all(isinstance(v, str) for v in needed)
         and all(v is None or isinstance(v, str) for v in [*optional, body.get("team_id")])
+        # ids become keys: one a database cannot keep (a lone surrogate, NUL) is no Slack id
+        and all(v is None or storable(v) for v in ids)
         and (files is None or (isinstance(files, list) and all(isinstance(f, dict) for f in files)))
     )
 

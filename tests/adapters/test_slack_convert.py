@@ -76,6 +76,19 @@ def test_bots_edits_and_joins_are_ignored(fields: dict[str, Any]) -> None:
     assert hear(BODY, {**event(type="app_mention"), **fields}, ME) is None
 
 
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({"team_id": "\ud800"}, {}),  # found by the fuzz on PostgreSQL: a 503 there
+        (BODY, {"channel": "C\x00"}),
+        (BODY, {"ts": "100.\udfff"}),
+        (BODY, {"thread_ts": "\ud800", "user": "U1"}),
+    ],
+)
+def test_ids_no_database_can_keep_are_not_slacks(body: dict[str, Any], fields: Any) -> None:
+    assert hear(body, {**event(type="app_mention"), **fields}, ME) is None
+
+
 def test_files_reach_the_agent_as_text() -> None:
     files = [{"name": "report.pdf", "url_private": "https://files.slack.test/report.pdf"}]
     heard = hear(

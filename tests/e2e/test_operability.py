@@ -47,7 +47,7 @@ MENTION = f"<@{BOT_USER_ID}>"
 SLACK_ENV = {"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET}
 
 
-def config_text(store: str, *, sections: str = "", agent: str = "") -> str:
+def config_text(store: str, *, sections: str = "", agent: str = "", lease_s: float = 3) -> str:
     return f"""
 default_agent = "demo"
 
@@ -56,7 +56,7 @@ url = "{store}"
 
 [bridge]
 poll_s = 0.1
-lease_s = 3
+lease_s = {lease_s}
 
 [agents.demo]
 service = "local"
@@ -400,3 +400,73 @@ def test_a_store_outage_gets_503s_then_redeliveries_are_answered_once(
     # web message refused with a 503, and no half-written rows.
     assert conversations["total"] == 4
     assert {c["status"] for c in conversations["items"]} == {"open"}  # no turn marked failed
+
+
+def outage_lines(log: str) -> list[str]:
+    """The log's lines but the access log's and those of the requests the test makes."""
+    return [line for line in log.splitlines() if line.strip() and "INFO:  " not in line]
+
+
+def test_a_store_outage_is_logged_in_a_few_lines_and_its_end_too(
+    tmp_path: Path, postgres_own: PausablePostgres
+) -> None:
+    """Three loops poll the store every 0.1 s here: ~5 s down once meant ~150 tracebacks."""
+    serve = ServeProcess(tmp_path, config_text(postgres_own.database()))
+    serve.start()
+    try:
+        assert serve.post("w-before", "before").status_code == 202
+        serve.wait_messages("w-before", 2)
+        before = len(serve.log())
+        postgres_own.pause()
+        wait_until(lambda: "the store is unavailable" in serve.log(), "the outage noticed")
+        time.sleep(5.0)
+        postgres_own.resume()
+        wait_until(lambda: "store is back after" in serve.log(), "the recovery said")
+        said = outage_lines(serve.log()[before:])
+        assert serve.post("w-after", "after").status_code == 202
+        serve.wait_messages("w-after", 2)
+    finally:
+        serve.stop()
+    assert len(said) <= 3, "\n".join(said)
+    assert "Traceback" not in "\n".join(said)
+    [down] = [line for line in said if "the store is unavailable" in line]
+    assert "WARNING" in down, down  # the driver's error named in the line, no traceback
+    [back] = [line for line in said if "store is back after" in line]
+    seconds = float(back.split("store is back after ")[1].split(" s")[0])
+    assert seconds >= 5.0, back
+
+
+def test_an_answer_ready_while_the_store_is_down_is_stored_when_it_is_back(
+    tmp_path: Path, postgres_own: PausablePostgres
+) -> None:
+    """No "could not answer" notice for a turn the agent answered, and no second agent call:
+    the answer waits in memory (within the lease) until the store takes it."""
+    with recorded_agent(latency_s=2.5) as (url, seen):
+        gpt = agent_section(url, source="web")
+        text = config_text(postgres_own.database(), agent=gpt, lease_s=30)
+        serve = ServeProcess(tmp_path, text, env={"OPS_AGENT_KEY": AGENT_KEY})
+        found, log = answer_during_an_outage(serve, postgres_own, seen)
+    assert [(m["role"], m["status"]) for m in found] == [("user", "done"), ("agent", "done")]
+    assert "answered during the outage" in found[1]["text"]
+    assert len([h for h in seen if h["path"].endswith("/chat/completions")]) == 1
+    assert "it will be retried" not in log and "failed unexpectedly" not in log, log[-3000:]
+
+
+def answer_during_an_outage(
+    serve: ServeProcess, postgres_own: PausablePostgres, seen: list[dict[str, str]]
+) -> tuple[list[dict[str, Any]], str]:
+    """Post a web message, stop the store while its agent call runs, start it again: the
+    thread's messages a second after it is answered, and the log."""
+    serve.start()
+    try:
+        assert serve.post("w-mid", "answered during the outage").status_code == 202
+        wait_until(lambda: seen, "the call to the agent")
+        postgres_own.pause()  # the agent answers 2.5 s after the call, into the outage
+        wait_until(lambda: "storing it once the store is back" in serve.log(), "answer held")
+        time.sleep(1.0)  # a few failed tries to store it
+        postgres_own.resume()
+        serve.wait_messages("w-mid", 2)
+        time.sleep(1.0)  # a notice or a second answer would show by now
+        return serve.messages("w-mid"), serve.log()
+    finally:
+        serve.stop()
