@@ -191,8 +191,13 @@ def text_terms(text: str) -> list[Term]:
 
 
 SIMPLE: Any = sa.literal_column("'simple'::regconfig")
-# The expression ix_messages_fts indexes (migration 0003): the query must say the same.
-PG_DOCUMENT = sa.func.to_tsvector(SIMPLE, sa.func.left(messages.c.content, 100000))
+# The expression ix_messages_fts indexes (migration 0003): the query must say the same, with
+# the length written out. As a bound parameter it matched only while PostgreSQL planned each
+# execution with its values; from the sixth on one connection the cached generic plan could
+# not use the index and read every message.
+PG_DOCUMENT = sa.func.to_tsvector(
+    SIMPLE, sa.func.left(messages.c.content, sa.literal_column("100000"))
+)
 FTS = sa.table("messages_fts", sa.column("rowid"))
 
 
@@ -263,11 +268,34 @@ def _utc(value: datetime) -> datetime:
         return (datetime.min if stamp.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
-def ordering(f: SearchFilters) -> tuple[Any, Any]:
-    """Newest first unless `reversed` is off; the id breaks ties."""
+def ordering(f: SearchFilters, rows: Any = conversations) -> tuple[Any, Any]:
+    """Newest first unless `reversed` is off; the id breaks ties. `rows`: the conversations
+    or a selection of their `created` and `id`."""
     if f.reversed:
-        return conversations.c.created.desc(), conversations.c.id.desc()
-    return conversations.c.created.asc(), conversations.c.id.asc()
+        return rows.c.created.desc(), rows.c.id.desc()
+    return rows.c.created.asc(), rows.c.id.asc()
+
+
+def page(f: SearchFilters, where: list[Any]) -> Any:
+    """The page of conversations matching `where` in `f`'s order; with text, every row also
+    carries the number of matches as `total`.
+
+    Text is matched through each message that has it, thousands for a common word: the
+    matches are found once for the page and the total together (a CTE used twice is
+    computed once, on SQLite and PostgreSQL alike) rather than once for each. Without text a
+    page reads a few index entries and the total counts an index range: two statements.
+    """
+    if not f.text:
+        query = sa.select(conversations).where(*where).order_by(*ordering(f))
+        return query.limit(f.limit).offset(f.offset)
+    found = sa.select(conversations.c.id, conversations.c.created).where(*where).cte("found")
+    total = sa.select(sa.func.count()).select_from(found).scalar_subquery()
+    chosen = sa.select(found.c.id).order_by(*ordering(f, found)).limit(f.limit).offset(f.offset)
+    return (
+        sa.select(conversations, total.label("total"))
+        .where(conversations.c.id.in_(chosen))
+        .order_by(*ordering(f))
+    )
 
 
 def after(f: SearchFilters, created: datetime, conversation_id: str) -> Any:

@@ -217,8 +217,11 @@ class Store:
             return await self._readers.run(job)
         assert self._engine is not None
         async with self._engine.connect() as conn:
-            if snapshot:
-                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+            # Without a snapshot no transaction is opened: each statement still sees what was
+            # committed before it (as under READ COMMITTED), and a read is one round trip
+            # instead of three (BEGIN, the query, ROLLBACK).
+            level = "REPEATABLE READ" if snapshot else "AUTOCOMMIT"
+            conn = await conn.execution_options(isolation_level=level)
             return await conn.run_sync(job)
 
     async def migrate(self) -> None:
@@ -756,17 +759,16 @@ class Store:
     async def search(self, f: SearchFilters) -> tuple[list[Conversation], int]:
         """Conversations matching every filter given, a page of them and the total."""
         where = searching.conditions(f, self.dialect)
-        page = (
-            sa.select(conversations)
-            .where(*where)
-            .order_by(*searching.ordering(f))
-            .limit(f.limit)
-            .offset(f.offset)
-        )
+        page = searching.page(f, where)
         count = sa.select(sa.func.count()).select_from(conversations).where(*where)
 
         def job(conn: Connection) -> tuple[list[Any], int]:
-            return list(conn.execute(page).all()), int(conn.execute(count).scalar_one())
+            rows = list(conn.execute(page).all())
+            if not rows and f.offset == 0:
+                return rows, 0
+            if rows and f.text:
+                return rows, int(rows[0].total)
+            return rows, int(conn.execute(count).scalar_one())
 
         rows, total = await self.read(job, snapshot=True)
         return [row_to_conversation(r) for r in rows], total

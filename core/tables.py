@@ -24,6 +24,7 @@ class ConversationRow(SQLModel, table=True):
     __table_args__ = (
         sa.Index("ix_conversations_source_created", "source", "created"),
         sa.Index("ix_conversations_scope", "source", "workspace", "channel", "created"),
+        sa.Index("ix_conversations_channel", "source", "channel", "created", "id"),
         sa.Index("ix_conversations_user", "user_id", "created"),
         sa.Index("ix_conversations_agent", "agent", "created"),
         sa.Index("ix_conversations_created", "created"),
