@@ -383,33 +383,39 @@ class Bridge:
     async def _store_answer(
         self, claim: Claim, conversation: Conversation, new: list[NewMessage]
     ) -> None:
-        """Store an answered turn; while the store is unavailable, try again with backoff for up
-        to `lease_s`.
+        """Store an answered turn, waiting out a short store outage (`_until_stored`).
 
         The answer exists only in memory here, so a short outage costs a delay, not a second
-        call to the agent. Past `lease_s` another worker may take the item, so the error goes up
-        and the lease lapses: the turn is retried when the store is back, and the agent is asked
-        again (the one cost of a long outage). A late result that meets a new owner is dropped
-        by `finish_turn`'s claim check (ClaimLost).
+        call to the agent. Past `lease_s` the lease lapses and the turn is retried when the
+        store is back, so the agent is asked again (the one cost of a long outage). A late
+        result that meets a new owner is dropped by `finish_turn`'s claim check (ClaimLost).
         """
-        deadline = time.monotonic() + self.settings.lease_s
         event_id = claim.payload.get("event_id")
+        await self._until_stored(
+            f"the answer to {event_id}",
+            lambda: self._finish(
+                claim,
+                conversation,
+                new,
+                remote_id=conversation.remote_id,
+                state=conversation.state,
+            ),
+        )
+
+    async def _until_stored(self, what: str, store: Callable[[], Awaitable[None]]) -> None:
+        """Run `store`; while the store is unavailable, try again with backoff for up to
+        `lease_s` (after that another worker may hold the item, so the error goes up)."""
+        deadline = time.monotonic() + self.settings.lease_s
         for attempt in itertools.count():
             try:
-                await self._finish(
-                    claim,
-                    conversation,
-                    new,
-                    remote_id=conversation.remote_id,
-                    state=conversation.state,
-                )
+                await store()
             except Exception as exc:
                 delay = min(0.2 * 2**attempt, 5.0) * random.uniform(0.5, 1)
                 if not store_unavailable(exc) or time.monotonic() + delay > deadline:
                     raise
-                self.outage.failed(f"storing the answer to {event_id}", exc)
+                self.outage.failed(f"storing {what}", exc)
                 if attempt == 0:
-                    log.info("turn %s answered; storing it once the store is back", event_id)
+                    log.info("%s is done; storing it once the store is back", what)
                 await asyncio.sleep(delay)
             else:
                 self.outage.ok()
@@ -635,10 +641,17 @@ class Bridge:
         await self._emit(thread.key, "posted")
 
     async def _close_post(self, claim: Claim, **how: Any) -> None:
-        """Mark a reply posted or failed; the thread's next reply, if one waits, goes now."""
-        following = await self.store.finish_outbox(claim, lease_s=self._room(self._posts), **how)
-        if following is not None:
-            self._start("outbox", following, self._post)
+        """Mark a reply posted or failed; the thread's next reply, if one waits, goes now. A
+        post that went out is recorded through a short store outage rather than posted again."""
+
+        async def close() -> None:
+            following = await self.store.finish_outbox(
+                claim, lease_s=self._room(self._posts), **how
+            )
+            if following is not None:
+                self._start("outbox", following, self._post)
+
+        await self._until_stored(f"reply {claim.id}", close)
 
 
 def _stored(turn: Turn, *, post: bool) -> NewMessage:

@@ -27,7 +27,7 @@ from typing import Any
 
 from core.tables import FTS_INDEX
 
-VERSION = "store-v1"  # change when the shapes below change: the cached SQLite file is rebuilt
+VERSION = "store-v2"  # change when the shapes below change: the cached SQLite file is rebuilt
 SEED = 20260601
 MESSAGES_PER_CONVERSATION = 5
 BATCH = 20_000  # conversations per batch

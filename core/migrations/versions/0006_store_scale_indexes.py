@@ -6,16 +6,16 @@ workspace, channel, created) could only narrow it to the source: at a million co
 page of a quiet channel read a whole source's rows. This index leads with source and channel
 and ends with the search's full order (created, id), so a page is the index's first rows.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
