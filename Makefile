@@ -20,6 +20,9 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
+# Prints one table of every figure, its target and PASS/FAIL (also in .bench-results.json).
+# Shorter runs: BENCH_SLACK_RATES=50,100,200 BENCH_SLACK_SECONDS=4 BENCH_AGENT_SECONDS=10
+# BENCH_BURST_MESSAGES=500 BENCH_STARTS=3 (see each tests/bench/test_bench_*.py).
 bench: install
 	$(BIN)/python -m pytest -q -s tests/bench -p no:cacheprovider --override-ini="addopts="
 

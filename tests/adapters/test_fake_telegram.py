@@ -34,6 +34,7 @@ from tests.fakes.telegram import (
     PRIVATE_CHAT,
     SUPERGROUP_CHAT,
     FakeTelegram,
+    Limits,
     fake_telegram,
     load_payload,
     parse_html,
@@ -199,6 +200,28 @@ async def test_edit_and_delete(fake: FakeTelegram, bot: Bot) -> None:
     assert fake.sent(GROUP_CHAT) == []
     with pytest.raises(BadRequest, match=r"(?i)message to delete not found"):
         await bot.delete_message(GROUP_CHAT, sent.message_id)
+
+
+async def test_limits_answer_429_over_a_chats_or_the_overall_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PTB_TIMEDELTA", "true")
+    slow = 0.001  # a token a quarter hour: nothing refills during the test
+    limits = Limits(per_chat=slow, per_chat_burst=2, overall=slow, overall_burst=3)
+    with fake_telegram(limits=limits) as fake:
+        async with Bot(BOT_TOKEN, base_url=fake.base_url) as bot:
+            await bot.send_message(PRIVATE_CHAT, "1")
+            await bot.send_message(PRIVATE_CHAT, "2")
+            with pytest.raises(RetryAfter) as per_chat:
+                await bot.send_message(PRIVATE_CHAT, "3: the chat's burst is spent")
+            await bot.send_chat_action(PRIVATE_CHAT, "typing")  # not a message: not limited
+            await bot.send_message(GROUP_CHAT, "4: another chat, the last overall token")
+            with pytest.raises(RetryAfter):
+                await bot.send_message(SUPERGROUP_CHAT, "5: the overall burst is spent")
+    assert per_chat.value.retry_after.total_seconds() >= 1
+    statuses = [c.status for c in fake.calls_to("sendMessage")]
+    assert statuses == [200, 200, 429, 200, 429]
+    assert [m["text"][0] for m in fake.sent()] == ["1", "2", "4"]
 
 
 async def test_injected_faults_raise_ptb_errors(

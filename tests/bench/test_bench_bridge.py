@@ -9,26 +9,21 @@
 from __future__ import annotations
 
 import os
-import re
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from core.model import Reply
+from tests.bench.common import emulator_command, percentile, process
+from tests.bench.table import BenchTable
 from tests.bridgekit import RecordingChannel, inbound, make_config, start_bridge, stop_bridge
 
 TURNS = int(os.environ.get("BENCH_TURNS", "2000"))
 SLOW_TURNS = int(os.environ.get("BENCH_SLOW_TURNS", "1000"))
-THREADBRIDGE = str(Path(sys.executable).parent / "threadbridge")
 
 
 class TimedChannel(RecordingChannel):
@@ -43,15 +38,14 @@ class TimedChannel(RecordingChannel):
         return await super().post(reply)
 
 
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
-
-
-def report(title: str, rows: list[tuple[str, Any]]) -> None:
+def report(
+    bench: BenchTable, benchmark: str, title: str, rows: list[tuple[str, float, str]]
+) -> None:
+    """Print the figures under `title` and record them in the table (for information)."""
     print(f"\n{title}")
-    for name, value in rows:
-        print(f"  {name:<38} {value}")
+    for name, value, unit in rows:
+        print(f"  {name:<38} {value:.1f} {unit}")
+        bench.record(benchmark, name, value, unit)
 
 
 async def run_turns(config: Any, count: int, timeout: float) -> dict[str, Any]:
@@ -71,51 +65,35 @@ async def run_turns(config: Any, count: int, timeout: float) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(600)
-async def test_bridge_overhead(tmp_path: Path) -> None:
+async def test_bridge_overhead(tmp_path: Path, bench: BenchTable) -> None:
     config = make_config(tmp_path, bridge={"poll_s": 0.5})
     result = await run_turns(config, TURNS, timeout=300)
     lat = result["latencies"]
     report(
+        bench,
+        "bridge alone",
         f"bridge alone: {TURNS} messages in {TURNS} threads, demo agent, SQLite",
         [
-            ("submit rate (messages accepted/s)", f"{TURNS / result['accepted']:.0f}"),
-            ("turns completed/s", f"{TURNS / result['elapsed']:.0f}"),
-            ("submit → posted p50 (ms, queueing incl.)", f"{statistics.median(lat):.1f}"),
-            ("submit → posted p99 (ms, queueing incl.)", f"{percentile(lat, 99):.1f}"),
-            ("peak RSS (MB)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"),
+            ("submit rate", TURNS / result["accepted"], "messages/s"),
+            ("turns completed", TURNS / result["elapsed"], "turns/s"),
+            ("submit → posted p50 (queueing incl.)", statistics.median(lat), "ms"),
+            ("submit → posted p99 (queueing incl.)", percentile(lat, 99), "ms"),
+            ("peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB"),
         ],
     )
 
 
-@contextmanager
-def emulator_process(latency_s: float) -> Iterator[str]:
-    """`threadbridge emulate engage` in its own process, as a real service would be."""
-    command = [THREADBRIDGE, "emulate", "engage", "--port", "0", "--latency", str(latency_s)]
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                log.seek(0)
-                found = re.search(rb"serving on (http://[\d.]+:\d+)", log.read())
-                if found:
-                    yield found.group(1).decode()
-                    return
-                time.sleep(0.05)
-            raise RuntimeError("the emulator did not start")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
 @pytest.mark.timeout(600)
-async def test_slow_agent_concurrency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_slow_agent_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bench: BenchTable
+) -> None:
     monkeypatch.setenv("BENCH_KEY", "k")
     monkeypatch.setenv("BENCH_ORG", "o")
-    with emulator_process(latency_s=1.0) as url:
+    emulate = emulator_command(1.0, "engage")
+    with process(emulate, tmp_path / "agent.log") as emulator:
         agent = {
             "service": "engage-runs",
-            "base_url": url,
+            "base_url": emulator.url,
             "agent": "a",
             "api_key_env": "BENCH_KEY",
             "org_id_env": "BENCH_ORG",
@@ -126,12 +104,14 @@ async def test_slow_agent_concurrency(tmp_path: Path, monkeypatch: pytest.Monkey
         result = await run_turns(config, SLOW_TURNS, timeout=300)
     lat = result["latencies"]
     report(
+        bench,
+        "bridge, agent at 1 s",
         f"slow agent: {SLOW_TURNS} threads, the Engage emulator (own process) answering in 1 s",
         [
-            ("all submitted after (s)", f"{result['accepted']:.2f}"),
-            ("all answered after (s)", f"{result['elapsed']:.2f}"),
-            ("one at a time would take (s)", f"{SLOW_TURNS * 1.0:.0f}"),
-            ("end-to-end p50 (ms)", f"{statistics.median(lat):.0f}"),
-            ("end-to-end p99 (ms)", f"{percentile(lat, 99):.0f}"),
+            ("all submitted after", result["accepted"], "s"),
+            ("all answered after", result["elapsed"], "s"),
+            ("one at a time would take", SLOW_TURNS * 1.0, "s"),
+            ("end-to-end p50", statistics.median(lat), "ms"),
+            ("end-to-end p99", percentile(lat, 99), "ms"),
         ],
     )

@@ -14,6 +14,7 @@ import asyncio
 import html
 import inspect
 import json
+import math
 import re
 import threading
 import time
@@ -108,6 +109,53 @@ class ApiError(Exception):
         return body | ({"parameters": self.parameters} if self.parameters else {})
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Telegram's posting limits, enforced on sendMessage when a fake is given them.
+
+    Token buckets: per chat `per_chat` a second, per group `per_group_per_min` a minute, and
+    `overall` a second, each in bursts of its `…_burst` (Telegram allows "short bursts"; it
+    does not say how long). `jitter_s` of refill is forgiven: a message leaves on time and
+    arrives a little later or earlier than the one before it. Over a limit: 429, `retry_after`.
+    """
+
+    per_chat: float = 1.0
+    per_chat_burst: int = 3
+    per_group_per_min: float = 20.0
+    per_group_burst: int = 20
+    overall: float = 30.0
+    overall_burst: int = 30
+    jitter_s: float = 0.05
+
+
+class _Limiter:
+    """The buckets of one fake; `take` spends a token of each, or says how long to wait."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+
+    def take(self, chat_id: str, now: float) -> float:
+        """0 when the message may go (its tokens are spent); else the seconds to wait."""
+        lim = self.limits
+        buckets = [("all", lim.overall, lim.overall_burst)]  # (key, rate a second, burst)
+        buckets.append((f"chat:{chat_id}", lim.per_chat, lim.per_chat_burst))
+        if chat_id.startswith("-"):  # groups, supergroups and channels
+            buckets.append((f"group:{chat_id}", lim.per_group_per_min / 60, lim.per_group_burst))
+        levels: dict[str, float] = {}
+        wait = 0.0
+        for key, rate, burst in buckets:
+            tokens, when = self._buckets.get(key, (float(burst), now))
+            levels[key] = min(burst, tokens + (now - when) * rate)
+            forgiven = min(burst, tokens + (now + lim.jitter_s - when) * rate)
+            if forgiven < 1:
+                wait = max(wait, (1 - forgiven) / rate)
+        if wait == 0:
+            for key, _, _ in buckets:
+                self._buckets[key] = (levels[key] - 1, now)
+        return wait
+
+
 class FakeTelegram:
     """One bot's view of Telegram: owns the Starlette app and everything it recorded."""
 
@@ -118,8 +166,10 @@ class FakeTelegram:
         username: str = BOT_USERNAME,
         first_name: str = "Threadbridge Test",
         can_read_all_group_messages: bool = False,
+        limits: Limits | None = None,
     ) -> None:
         self.token, self.username = token, username
+        self._limiter = _Limiter(limits) if limits else None
         self.me = load_payload("get_me_result") | {
             "id": int(token.split(":")[0]),
             "first_name": first_name,
@@ -354,8 +404,20 @@ class FakeTelegram:
                 queue.remove(fault)
         if fault is not None:
             raise ApiError(fault.status, fault.description, fault.parameters)
+        if self._limiter is not None and method == "sendMessage":
+            self._check_limits(params)
         result = handler(params)
         return await result if inspect.isawaitable(result) else result
+
+    def _check_limits(self, p: Json) -> None:
+        assert self._limiter is not None
+        with self._lock:
+            wait = self._limiter.take(str(p.get("chat_id")), time.monotonic())
+        if wait > 0:
+            retry_after = math.ceil(wait)
+            raise ApiError(
+                429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}
+            )
 
     async def _get_updates(self, p: Json) -> list[Json]:
         if self.webhook:
