@@ -335,6 +335,7 @@ class Store:
         columns = (inbox.c.id, inbox.c.event_id, inbox.c.payload, inbox.c.status)
 
         def job(conn: Connection) -> bool:
+            _lock_thread(conn, conversation.thread_key)  # first: it may queue a notice
             now = utcnow()
             row = conn.execute(
                 sa.select(*columns, inbox.c.claim_token, inbox.c.thread_key)
@@ -585,6 +586,7 @@ class Store:
         thread = ThreadRef.parse(conversation.thread_key)
 
         def job(conn: Connection) -> Handoff:
+            _lock_thread(conn, conversation.thread_key)  # first: it queues the replies
             now = utcnow()
             taken: list[Claim] = []
             done = conn.execute(
@@ -1180,14 +1182,21 @@ def _take_next(conn: Connection, name: str, thread_key: str, lease_s: float | No
     return taken[0] if taken else None
 
 
+def _lock_thread(conn: Connection, thread_key: str) -> None:
+    """PostgreSQL: hold the thread's queue lock until commit (see `sql.lock_thread`). A job
+    that queues items takes it before any row lock: taken after one, two jobs could each wait
+    for the other (a deadlock). Taking it again in the same transaction is free."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sql.lock_thread, {"b_thread_key": thread_key})
+
+
 def _enqueue(
     conn: Connection, name: str, values: dict[str, Any], lease_s: float | None
 ) -> Claim | None:
     """Insert an inbox or outbox item. With `lease_s` it is taken at once under a new claim,
     as the claim loop would take it, when its thread has no unfinished item before it."""
     key = values["thread_key"]
-    if conn.dialect.name == "postgresql":
-        conn.execute(sql.lock_thread, {"b_thread_key": key})
+    _lock_thread(conn, key)
     busy = lease_s is None or conn.execute(sql.THREAD_BUSY[name], {"b_thread_key": key}).first()
     if busy:
         conn.execute(sql.INSERT[name], values)

@@ -450,10 +450,12 @@ class TelegramAdapter:
                 raise PlatformRetryable(f"telegram: {exc}") from exc
 
     async def _pace(self, chat: int) -> None:
-        await self._overall.wait("all")
+        """The chat's own slots first, the bot-wide one last: a slot of the shared 30/s
+        taken early would go unused while the message waits for its chat."""
         if chat < 0:
             await self._per_group.wait(str(chat))
         await self._per_chat.wait(str(chat))
+        await self._overall.wait("all")
 
     async def _send(self, thread: ThreadRef, chat: int, text: str, quote: int | None) -> Any:
         """One message; waits out short 429s, falls back to plain text, follows migrations."""
