@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
 
-from adapters.discord.app import DiscordAdapter, DiscordConfig
-from adapters.slack.app import SlackAdapter, SlackConfig
-from adapters.telegram.app import TelegramAdapter, TelegramConfig
+from adapters.discord.config import DiscordConfig
+from adapters.slack.config import SlackConfig
+from adapters.telegram.config import TelegramConfig
 from adapters.web import WebAdapter, WebConfig
 from core.agents import build_service
 from core.agents.base import AgentService
@@ -21,6 +21,11 @@ from core.errors import ConfigError
 from core.routing import Router
 from core.store import Store
 from core.tools import ConfiguredTools
+
+if TYPE_CHECKING:  # each platform's SDK is imported only when its channel is on
+    from adapters.discord.app import DiscordAdapter
+    from adapters.slack.app import SlackAdapter
+    from adapters.telegram.app import TelegramAdapter
 
 log = logging.getLogger("threadbridge")
 READY_TIMEOUT_S = 2.0  # how long /readyz waits for the store and for each channel's check
@@ -122,14 +127,20 @@ class App:
                 adapters.append(self.web)
             slack = slack_config(config)
             if slack is not None and slack.mode() is not None:
+                from adapters.slack.app import SlackAdapter
+
                 self.slack = SlackAdapter(slack)
                 adapters.append(self.slack)
             telegram = telegram_config(config)
             if telegram is not None and telegram.why_off(config.server.public_url) is None:
+                from adapters.telegram.app import TelegramAdapter
+
                 self.telegram = TelegramAdapter(telegram, config.server.public_url)
                 adapters.append(self.telegram)
             discord = discord_config(config)
             if discord is not None and discord.why_off() is None:
+                from adapters.discord.app import DiscordAdapter
+
                 self.discord = DiscordAdapter(discord)
                 adapters.append(self.discord)
         self.adapters = adapters

@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import weakref
 from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
 from slack_bolt import BoltResponse
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
@@ -24,6 +22,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.config import SlackConfig
 from adapters.slack.convert import (
     SOURCE,
     BotIdentity,
@@ -74,45 +73,6 @@ LOOKUP_S = 1.5  # the most a message's names and permalink may hold up Slack's a
 FILE_ONLY_NOTICE = (
     "The agent reads text only: it was given the file's name and link, not what is in it."
 )
-
-
-class SlackConfig(BaseModel):
-    """`[slack]`: the Slack app's tokens (by environment variable) and its behaviour."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bot_token_env: str = "SLACK_BOT_TOKEN"
-    signing_secret_env: str = "SLACK_SIGNING_SECRET"
-    app_token_env: str = "SLACK_APP_TOKEN"
-    admins: list[str] = Field(default_factory=list)
-    channels: list[str] | None = None
-    api_base_url: str = "https://slack.com/api/"
-    max_chars: int = Field(default=3000, ge=100, le=40000)
-    working_text: str = "_is thinking…_"
-    # Slack takes about one message a second per channel, with short bursts; 0 turns pacing off.
-    post_rate_per_channel: float = Field(default=1.0, ge=0)
-    post_burst: int = Field(default=5, ge=1)
-
-    def secret(self, name: str) -> str:
-        return os.environ.get(getattr(self, name), "")
-
-    def mode(self) -> str | None:
-        """'socket', 'http', or None when the secrets needed for either are missing."""
-        if not self.secret("bot_token_env"):
-            return None
-        if self.secret("app_token_env"):
-            return "socket"
-        if self.secret("signing_secret_env"):
-            return "http"
-        return None
-
-    def why_off(self) -> str:
-        if not self.secret("bot_token_env"):
-            return f"{self.bot_token_env} is not set"
-        return (
-            f"set {self.signing_secret_env} (HTTP events at /slack/events) "
-            f"or {self.app_token_env} (Socket Mode)"
-        )
 
 
 class SlackAdapter:

@@ -16,14 +16,11 @@ import asyncio
 import hmac
 import json
 import logging
-import os
-import re
 import warnings
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from telegram import Bot, LinkPreviewOptions, ReplyParameters, Update
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import (
@@ -39,6 +36,7 @@ from telegram.error import (
 from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
+from adapters.telegram.config import WEBHOOK_PATH, TelegramConfig
 from adapters.telegram.convert import (
     SOURCE,
     TOPIC,
@@ -51,7 +49,7 @@ from adapters.telegram.convert import (
     thread_of,
     to_inbound,
 )
-from adapters.telegram.format import LIMIT, plain, split_html, to_html
+from adapters.telegram.format import plain, split_html, to_html
 from core.bridge import Bridge
 from core.errors import (
     MessageRejected,
@@ -68,7 +66,6 @@ log = logging.getLogger(__name__)
 # of each call, setWebhook's secret_token among them: its DEBUG lines never reach our logs.
 logging.getLogger("telegram").setLevel(logging.INFO)
 
-WEBHOOK_PATH = "/telegram/webhook"
 ALLOWED_UPDATES = ["message"]
 TEXT_ONLY_NOTICE = "The agent reads text only: please write your question as a message."
 COMMANDS = [
@@ -76,47 +73,9 @@ COMMANDS = [
     ("agent", "which agent answers here (admins: /agent NAME to change it)"),
     ("start", "say hello"),
 ]
-SECRET_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what Telegram takes as a secret_token
 # What reading an update with a field of the wrong type raises (Telegram's own never do).
 MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError)
 MAX_WAIT_S = 30.0  # a 429 asking for longer goes back to the outbox instead of holding a worker
-
-
-class TelegramConfig(BaseModel):
-    """`[telegram]`: the bot's token (by environment variable), its mode and behaviour."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bot_token_env: str = "TELEGRAM_BOT_TOKEN"
-    mode: Literal["polling", "webhook"] = "polling"
-    webhook_secret_env: str = "TELEGRAM_WEBHOOK_SECRET"
-    public_url: str | None = None  # defaults to [server] public_url
-    admins: list[int] = Field(default_factory=list)
-    api_base_url: str = "https://api.telegram.org/bot"
-    max_chars: int = Field(default=LIMIT, ge=64, le=LIMIT)
-    poll_timeout_s: int = Field(default=30, ge=0, le=50)
-    standby_retry_s: float = Field(
-        default=5.0, gt=0, le=300, description="how often a standby instance tries to poll"
-    )
-    # Telegram: about 1 message a second per chat, 20 a minute per group, 30 a second in all.
-    post_rate_per_chat: float = Field(default=1.0, ge=0)
-    post_burst: int = Field(default=3, ge=1)
-
-    def secret(self, name: str) -> str:
-        return os.environ.get(getattr(self, name), "")
-
-    def why_off(self, server_public_url: str | None) -> str | None:
-        """Why the bot cannot start with these settings, or None when it can."""
-        if not self.secret("bot_token_env"):
-            return f"{self.bot_token_env} is not set"
-        if self.mode == "webhook":
-            if not (self.public_url or server_public_url):
-                return "mode = 'webhook' needs public_url (in [telegram] or [server])"
-            if not self.secret("webhook_secret_env"):
-                return f"mode = 'webhook' needs {self.webhook_secret_env} set"
-            if not SECRET_SHAPE.fullmatch(self.secret("webhook_secret_env")):
-                return f"{self.webhook_secret_env} may hold only A-Z a-z 0-9 _ - (1-256 of them)"
-        return None
 
 
 class TelegramAdapter:

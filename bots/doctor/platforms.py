@@ -12,9 +12,9 @@ from core.config import Config
 from core.errors import ConfigError
 
 if TYPE_CHECKING:  # the adapters (and their SDKs) load only for the sections a config has
-    from adapters.discord.app import DiscordConfig
-    from adapters.slack.app import SlackConfig
-    from adapters.telegram.app import TelegramConfig
+    from adapters.discord.config import DiscordConfig
+    from adapters.slack.config import SlackConfig
+    from adapters.telegram.config import TelegramConfig
 
 # The bot scopes config/examples/slack-manifest.yaml asks for (tests/e2e/test_doctor.py keeps
 # them equal); kept here, not read from the file, so that an installed threadbridge has them.
@@ -203,7 +203,7 @@ async def telegram_checks(
 
 def webhook_check(telegram: TelegramConfig, server_url: str | None, info: Any) -> Check:
     """The webhook Telegram has against the mode: polling wants none, webhook wants ours."""
-    from adapters.telegram.app import WEBHOOK_PATH
+    from adapters.telegram.config import WEBHOOK_PATH
 
     name, url = "telegram webhook", str(info.get("url") or "")
     error = info.get("last_error_message")

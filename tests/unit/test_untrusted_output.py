@@ -26,7 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.discord.app import DiscordAdapter, DiscordConfig
+from adapters.discord.app import DiscordAdapter
+from adapters.discord.config import DiscordConfig
 from adapters.slack.convert import post_args
 from adapters.slack.format import to_mrkdwn
 from adapters.telegram.format import split_html, to_html
