@@ -145,7 +145,7 @@ class InboxRow(SQLModel, table=True):
         sa.Index("ix_inbox_status", "status", "id"),
         sa.Index("ix_inbox_thread", "thread_key", "status", "id"),
         # A person's recent messages, for the per-user limits (core/access.py).
-        sa.Index("ix_inbox_author", "source", "author_id", "created"),
+        sa.Index("ix_inbox_author", "author_id", "source", "created"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
