@@ -109,7 +109,7 @@ finish_post = (
 )
 
 
-def _claim_statements(table: sa.Table, *, one_thread: bool = False) -> tuple[Any, Any]:
+def _claim_statements(table: sa.Table) -> tuple[Any, Any]:
     """Find, then take, the claimable items: the oldest unfinished one of each thread.
 
     Only claimable rows are candidates, so the cost does not grow with the turns in flight.
@@ -131,8 +131,6 @@ def _claim_statements(table: sa.Table, *, one_thread: bool = False) -> tuple[Any
     ]
     if table is outbox:
         conditions.append(sa.or_(table.c.not_before.is_(None), table.c.not_before <= now))
-    if one_thread:
-        conditions.append(table.c.thread_key == bindparam("b_thread_key"))
     find = sa.select(table.c.id).where(*conditions).order_by(table.c.id).limit(bindparam("b_limit"))
     take = (
         table.update()
@@ -157,11 +155,22 @@ def _claim_statements(table: sa.Table, *, one_thread: bool = False) -> tuple[Any
 
 
 CLAIM = {"inbox": _claim_statements(inbox), "outbox": _claim_statements(outbox)}
-# The same, for one thread: its next item, handed on by the worker that finished the one before.
-CLAIM_THREAD = {
-    name: _claim_statements(table, one_thread=True)
-    for name, table in (("inbox", inbox), ("outbox", outbox))
-}
+
+
+def _next_in_thread(table: sa.Table) -> Any:
+    """A thread's oldest unfinished item: the next one its worker hands itself (core/store.py)."""
+    columns = [table.c.id, table.c.status, table.c.lease_until]
+    if table is outbox:
+        columns.append(table.c.not_before)
+    return (
+        sa.select(*columns)
+        .where(table.c.thread_key == bindparam("b_thread_key"), table.c.status.in_(UNFINISHED))
+        .order_by(table.c.id)
+        .limit(1)
+    )
+
+
+NEXT_IN_THREAD = {"inbox": _next_in_thread(inbox), "outbox": _next_in_thread(outbox)}
 
 
 def _thread_busy(table: sa.Table) -> Any:

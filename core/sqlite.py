@@ -1,9 +1,9 @@
 """SQLite plumbing: connection settings, and one writer thread that commits jobs in batches.
 
 Every write to a SQLite file is serialised by SQLite anyway. Doing it through one thread that
-takes whatever jobs are waiting and runs them in a single transaction (each in a savepoint, so
-one job's failure is that job's alone) turns many small transactions into one commit and one
-thread hop per batch instead of several per job.
+takes whatever jobs are waiting and runs them in a single transaction (one job's failure is
+that job's alone: see `WriterThread._commit`) turns many small transactions into one commit
+and one thread hop per batch instead of several per job.
 """
 
 from __future__ import annotations
@@ -95,6 +95,21 @@ class WriterThread:
                 self._commit(conn, batch)
 
     def _commit(self, conn: Connection, batch: list[tuple[Job, asyncio.Future[Any]]]) -> None:
+        """Run the batch in one transaction. Jobs rarely fail, so they first run together
+        with no savepoints (two statements a job saved); if one fails, that transaction is
+        rolled back and the batch runs again with a savepoint a job, so that one job's
+        failure is that job's alone. A batch of one needs no second run."""
+        try:
+            with conn.begin():
+                outcomes: list[tuple[bool, Any]] = [(True, job(conn)) for job, _ in batch]
+        except Exception as exc:
+            outcomes = [(False, exc)] if len(batch) == 1 else self._one_by_one(conn, batch)
+        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
+
+    def _one_by_one(
+        self, conn: Connection, batch: list[tuple[Job, asyncio.Future[Any]]]
+    ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         try:
             with conn.begin():
@@ -111,8 +126,7 @@ class WriterThread:
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch was kept
             log.exception("a write transaction failed")
             outcomes = [(False, exc)] * len(batch)
-        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-            future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
+        return outcomes
 
 
 class ReaderPool:

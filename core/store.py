@@ -1145,40 +1145,47 @@ def _queue_reply(
     return _enqueue(conn, "outbox", values, lease_s)
 
 
-def _take(
-    conn: Connection, name: str, params: dict[str, Any], lease_s: float, *, one_thread: bool = False
-) -> list[Claim]:
+def _take(conn: Connection, name: str, params: dict[str, Any], lease_s: float) -> list[Claim]:
     """Claim what `params` finds (the oldest unfinished item of each thread) under a new token."""
-    find, take = sql.CLAIM_THREAD[name] if one_thread else sql.CLAIM[name]
-    now = utcnow()
-    ids = conn.execute(find, {**params, "b_now": now}).scalars().all()
+    find, _ = sql.CLAIM[name]
+    ids = conn.execute(find, {**params, "b_now": utcnow()}).scalars().all()
+    return _take_ids(conn, name, list(ids), lease_s)
+
+
+def _take_ids(conn: Connection, name: str, ids: list[int], lease_s: float) -> list[Claim]:
+    """Claim the items `ids` that are still claimable, under a new token."""
     if not ids:
         return []
-    token = uuid.uuid4().hex
-    rows = conn.execute(
-        take,
-        {
-            "b_now": now,
-            "b_ids": list(ids),
-            "b_token": token,
-            "b_lease_until": now + timedelta(seconds=lease_s),
-        },
-    ).all()
+    now, token = utcnow(), uuid.uuid4().hex
+    _, take = sql.CLAIM[name]
+    params = {
+        "b_now": now,
+        "b_ids": ids,
+        "b_token": token,
+        "b_lease_until": now + timedelta(seconds=lease_s),
+    }
     claims = [
         Claim(r.id, r.thread_key, r.payload, token, r.attempts, r.conversation_id, aware(r.created))
-        for r in rows
+        for r in conn.execute(take, params).all()
     ]
     claims.sort(key=lambda c: c.id)
     return claims
 
 
 def _take_next(conn: Connection, name: str, thread_key: str, lease_s: float | None) -> Claim | None:
-    """The thread's next item, claimed, when it may go now (None without `lease_s`)."""
+    """The thread's next item, claimed, when it may go now (None without `lease_s`): its
+    oldest unfinished one, unless a live worker holds it or (a reply) it waits for a retry."""
     if lease_s is None:
         return None
-    source = ThreadRef.parse(thread_key).source
-    params = {"b_sources": [source], "b_limit": 1, "b_thread_key": thread_key}
-    taken = _take(conn, name, params, lease_s, one_thread=True)
+    row = conn.execute(sql.NEXT_IN_THREAD[name], {"b_thread_key": thread_key}).first()
+    if row is None:
+        return None
+    now = utcnow()
+    lease_until, not_before = aware(row.lease_until), aware(getattr(row, "not_before", None))
+    held = row.status == "working" and (lease_until is None or lease_until >= now)
+    if held or (not_before is not None and not_before > now):
+        return None
+    taken = _take_ids(conn, name, [row.id], lease_s)
     return taken[0] if taken else None
 
 

@@ -36,8 +36,8 @@ async def db(tmp_path: Path) -> Path:
 def test_claims_search_by_status_or_by_thread(db: Path, name: str) -> None:
     claim_all = plan(db, sql.CLAIM[name][0])
     assert f"SEARCH {name} USING INDEX ix_{name}_status (status=?)" in claim_all, claim_all
-    claim_thread = plan(db, sql.CLAIM_THREAD[name][0])
-    assert f"SEARCH {name} USING INDEX ix_{name}_thread (thread_key=?)" in claim_thread
+    next_in_thread = plan(db, sql.NEXT_IN_THREAD[name])
+    assert f"ix_{name}_thread (thread_key=? AND status=?)" in next_in_thread, next_in_thread
     busy = plan(db, sql.THREAD_BUSY[name])
     assert f"ix_{name}_thread (thread_key=? AND status=?)" in busy, busy
 
