@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from core.search import search_filters
 from core.store import Store
 from tests.bench import store_data
-from tests.bench.test_bench_bridge import percentile, report
+from tests.bench.common import percentile
 from tests.pg import PostgresServer
 
 COUNT = int(os.environ.get("BENCH_STORE_CONVERSATIONS", "1000000"))
@@ -140,9 +140,7 @@ async def measure(store: Store, label: str) -> None:
     texts = work["text search"][0][WARMUP:]
     worst = sorted(zip(spent["text search"], texts, strict=True), reverse=True)[:5]
     rows.append(("slowest text searches (ms)", ", ".join(f"{t!r} {ms:.0f}" for ms, t in worst)))
-    report(
-        f"store at scale, {label}: {LOOKUPS} lookups, {SEARCHES} pages, {SEARCHES} searches", rows
-    )
+    show(f"store at scale, {label}: {LOOKUPS} lookups, {SEARCHES} pages, {SEARCHES} searches", rows)
     print_table([f for f in FIGURES if f[0].startswith(f"store {label}")])
     if os.environ.get("BENCH_EXPLAIN"):
         for name, (inputs, call) in work.items():
@@ -185,11 +183,17 @@ def print_table(found: list[tuple[str, str, str, bool]]) -> None:
         print(f"  {name:<44} | {value:>12} | {target:>10} | {'PASS' if passed else 'FAIL'}")
 
 
+def show(title: str, rows: list[tuple[str, Any]]) -> None:
+    print(f"\n{title}")
+    for name, value in rows:
+        print(f"  {name:<38} {value}")
+
+
 async def upgraded(store: Store, label: str) -> None:
     """Apply migrations newer than the data (the app does at every start); say how long."""
     started = time.perf_counter()
     await store.migrate()
-    report(
+    show(
         f"store {label}: migrations at start", [("took", f"{time.perf_counter() - started:.1f} s")]
     )
 
