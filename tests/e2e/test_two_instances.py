@@ -239,14 +239,6 @@ def test_each_of_1000_events_is_answered_exactly_once(outcome: Outcome) -> None:
     assert outcome.queues == {"inbox_done": 1000, "outbox_sent": 1000}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "with placeholders kept in the store, 0 of 100 threads showed answers out of order in "
-        "local runs but 1 of 100 in a clean-clone CI run: a remaining race between one "
-        "instance's placeholder and the other's answer (issue 8)"
-    ),
-)
 def test_each_thread_shows_its_answers_in_order(outcome: Outcome) -> None:
     assert not outcome.out_of_order, outcome.out_of_order[:3]
     assert outcome.stuck == 0
