@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 from core.access import Gate
@@ -38,6 +38,7 @@ from core.metrics import Metrics
 from core.model import Conversation, Inbound, Reply, ReplyKind, ThreadRef, ToolCall, Turn
 from core.outage import StoreOutage, store_unavailable
 from core.routing import Router
+from core.search import made_storable
 from core.store import Claim, ClaimLost, NewMessage, Store
 from core.tools import NoTools, ToolRunner
 
@@ -178,6 +179,7 @@ class Bridge:
         if not self.gate.channel_open(inbound.thread):
             return Submitted(inbound.event_id, duplicate=False, ignored=True)
         self.check(inbound.text)
+        inbound = _storable(inbound)
         intake = await self.store.add_inbound(inbound, lease_s=self._room(self._turns))
         added = intake.added
         self.metrics.accepted(inbound, duplicate=not added)
@@ -654,13 +656,29 @@ class Bridge:
         await self._until_stored(f"reply {claim.id}", close)
 
 
+def _storable(inbound: Inbound) -> Inbound:
+    """The message with a NUL or lone surrogate a platform let through in its text, author
+    or data replaced (PostgreSQL refuses them), so that storing it cannot fail."""
+    author = replace(
+        inbound.author,
+        id=made_storable(inbound.author.id),
+        name=made_storable(inbound.author.name),
+    )
+    return replace(
+        inbound,
+        author=author,
+        text=made_storable(inbound.text),
+        data=made_storable(inbound.data),
+    )
+
+
 def _stored(turn: Turn, *, post: bool) -> NewMessage:
     calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.tool_calls]
     return NewMessage(
         role=turn.role,
-        content=turn.content,
+        content=made_storable(turn.content),  # an agent's NUL would fail the turn's write
         name=turn.name,
-        tool_calls=calls or None,
+        tool_calls=made_storable(calls) or None,
         tool_call_id=turn.tool_call_id,
         post=post,
         kind="hidden" if turn.hidden else "message",

@@ -63,6 +63,23 @@ def storable(text: str) -> bool:
     return True
 
 
+def made_storable(value: Any) -> Any:
+    """`value` with what no database can keep (NUL, a lone surrogate) in its strings, however
+    deeply nested, replaced by U+FFFD: a name or field a platform sends that way is still kept,
+    instead of a write that fails every time the platform sends the event again."""
+    if isinstance(value, str):
+        return value if storable(value) else "".join(_storable_char(c) for c in value)
+    if isinstance(value, dict):
+        return {made_storable(k): made_storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [made_storable(v) for v in value]
+    return value
+
+
+def _storable_char(char: str) -> str:
+    return "\ufffd" if char == "\x00" or "\ud800" <= char <= "\udfff" else char
+
+
 class FilterError(ValueError):
     """A search parameter that cannot be used; `param` names it, the message says why."""
 

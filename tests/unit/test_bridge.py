@@ -63,6 +63,22 @@ async def test_work_goes_straight_to_a_worker_without_waiting_for_a_poll(store_u
     await stop_bridge(bridge)
 
 
+async def test_a_nul_a_platform_lets_through_is_kept_as_a_replacement_character(
+    store_url: str,
+) -> None:
+    """PostgreSQL refuses NUL in text and JSON: a name or text carrying one is stored with
+    U+FFFD instead, so the write cannot fail each time the platform sends the event again."""
+    channel = RecordingChannel()
+    bridge = await start_bridge(make_config(store_url), channel)
+    await bridge.submit(inbound("nul", "hello\x00there", user="a\x00b", data={"k": ["\x00"]}))
+    await channel.wait_for(1)
+    conversation = await bridge.store.conversation_for_thread("web:-/-/nul")
+    assert conversation is not None and conversation.data == {"k": ["\ufffd"]}
+    [user, _] = await bridge.store.history(conversation.id)
+    assert (user.content, user.author_name) == ("hello\ufffdthere", "A\ufffdB")
+    await stop_bridge(bridge)
+
+
 async def test_a_duplicate_event_is_answered_once(store_url: str) -> None:
     channel = RecordingChannel()
     bridge = await start_bridge(make_config(store_url), channel)
