@@ -346,6 +346,8 @@ class Bridge:
             if produced is not None:
                 await self._store_answer(claim, conversation, [user, *produced])
                 self.metrics.turn_answered(conversation.agent, started)
+            else:  # kept: the keeper queued its notice for the outbox loop
+                self._outbox_wake.set()
         except ClaimLost as exc:
             log.warning("%s; dropping this worker's result", exc)
         except Exception as exc:
@@ -366,7 +368,7 @@ class Bridge:
             self.metrics.turn_failed(conversation.agent, exc, started)
         finally:
             working.cancel()
-        self._outbox_wake.set()
+        # An answered or failed turn's replies went to a worker with the turn (`_finish`).
         await self._emit(inbound.thread.key, "turn")
 
     async def _finish(

@@ -36,9 +36,7 @@ drafts: sa.Table = DraftRow.__table__  # type: ignore[attr-defined]
 
 UNFINISHED = ("pending", "working")
 
-insert_inbox = inbox.insert()
-insert_outbox = outbox.insert()
-INSERT = {"inbox": insert_inbox, "outbox": insert_outbox}
+INSERT = {"inbox": inbox.insert(), "outbox": outbox.insert()}
 INSERT_ID = {name: insert.returning(insert.table.c.id) for name, insert in INSERT.items()}
 insert_message = messages.insert()
 insert_conversation = conversations.insert()

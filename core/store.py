@@ -128,9 +128,6 @@ class Intake:
     added: bool
     claim: Claim | None = None
 
-    def __bool__(self) -> bool:
-        return self.added
-
 
 @dataclass(frozen=True, slots=True)
 class Handoff:

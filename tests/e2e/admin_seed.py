@@ -42,8 +42,8 @@ async def _turn(
     remote_id: str | None = None,
 ) -> str:
     event_id = f"{thread.source}:seed:{thread.thread}"
-    accepted = await store.add_inbound(Inbound(event_id, thread, user, messages[0].content, data))
-    assert accepted
+    intake = await store.add_inbound(Inbound(event_id, thread, user, messages[0].content, data))
+    assert intake.added
     [claim] = await store.claim_inbox([thread.source], 1, 30)
     conversation = await store.open_conversation(thread, "demo", data, user.id)
     await store.finish_turn(claim, conversation, messages, failed=failed, remote_id=remote_id)
