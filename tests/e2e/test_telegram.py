@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.dbview import DatabaseView
 from tests.e2e.serve import ServeProcess, search
 from tests.fakes.telegram import (
     BOB,
@@ -169,6 +170,21 @@ def test_start_and_agent_commands(serve: ServeProcess, tg: FakeTelegram) -> None
     assert found["agent"] == "other"
 
 
+def seen_by_people(serve: ServeProcess, answer: dict[str, Any], timeout: float = 10.0) -> None:
+    """Wait until the bot has its answer back from Telegram (and noted it): a person can reply
+    to a message only once Telegram has shown it, long after that. The fake records a send
+    when it arrives, so without this a test could reply within the same millisecond."""
+    view = DatabaseView(f"sqlite:///{serve.workdir}/tb.db")
+    key = f"telegram:{answer['chat_id']}:{answer['message_id']}"
+    deadline = time.monotonic() + timeout
+    try:
+        while not view.query(f"SELECT 1 FROM posts WHERE key = '{key}'"):
+            assert time.monotonic() < deadline, f"the bot never noted its post {key}"
+            time.sleep(0.02)
+    finally:
+        view.close()
+
+
 def test_a_group_answers_mentions_and_replies_to_its_messages(
     serve: ServeProcess, tg: FakeTelegram
 ) -> None:
@@ -178,6 +194,7 @@ def test_a_group_answers_mentions_and_replies_to_its_messages(
     assert "explain pensions" in text_of(answer)
     assert BOT not in text_of(answer)  # the mention is not sent to the agent
     assert answer["reply_to"] == mention["message"]["message_id"]
+    seen_by_people(serve, answer)
     follow = tg.queue_update(tg.group_message("and taxes?", user=BOB, reply_to=answer))
     second = wait_sent(tg, 2, GROUP_CHAT)[1]
     assert "message 2 of" in text_of(second)  # the same conversation: the reply chain
@@ -281,6 +298,7 @@ def test_a_migrated_group_continues_under_its_new_id(serve: ServeProcess, tg: Fa
     assert "before the upgrade" in text_of(answer)
     [found] = search(serve, "--source", "telegram", "--channel", str(SUPERGROUP_CHAT))
     assert found["thread_key"].startswith(f"telegram:-/{SUPERGROUP_CHAT}/")
+    seen_by_people(serve, answer)
     follow = tg.queue_update(
         tg.group_message("and after?", chat_id=SUPERGROUP_CHAT, reply_to=answer)
     )
