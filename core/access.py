@@ -247,7 +247,7 @@ class Gate:
         def job(conn: Connection) -> Any:
             return conn.execute(USAGE, params).one()
 
-        row = await self.store.read(job)
+        row = await self.store.read(job, quick=True)
         return Usage(
             today=int(row.today),
             last_minute=int(row.last_minute),

@@ -106,6 +106,13 @@ finish_post = (
     )
 )
 
+draft_of = sa.select(drafts.c.message_id).where(drafts.c.thread_key == bindparam("b_thread_key"))
+# A draft the reply went into is forgotten as the post is marked sent (core/store.py).
+drop_used_drafts = drafts.delete().where(
+    drafts.c.thread_key == bindparam("b_thread_key"),
+    drafts.c.message_id.in_(bindparam("b_ids", expanding=True)),
+)
+
 
 def _claim_statements(table: sa.Table) -> tuple[Any, Any]:
     """Find, then take, the claimable items: the oldest unfinished one of each thread.
@@ -184,3 +191,28 @@ THREAD_BUSY = {"inbox": _thread_busy(inbox), "outbox": _thread_busy(outbox)}
 # PostgreSQL: writers of one thread's items take turns until commit, so "is the thread busy?"
 # and the insert that follows are one step (SQLite's single writer gives that already).
 lock_thread = sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(bindparam("b_thread_key"))))
+
+# Built once and run every turn: on SQLite these go straight to the driver (core.sqlite.Plan).
+HOT = frozenset(
+    id(statement)
+    for statement in (
+        *INSERT.values(),
+        *INSERT_ID.values(),
+        insert_message,
+        insert_conversation,
+        insert_link,
+        conversation_by_thread,
+        latest_of_thread,
+        conversation_by_id,
+        newest_messages,
+        all_messages,
+        finish_inbox,
+        finish_conversation,
+        finish_post,
+        draft_of,
+        drop_used_drafts,
+        *NEXT_IN_THREAD.values(),
+        *THREAD_BUSY.values(),
+        *(statement for pair in CLAIM.values() for statement in pair),
+    )
+)

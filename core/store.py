@@ -165,6 +165,10 @@ class Store:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._writer: sqlite.WriterThread | None = None
+        # SQLite files: quick jobs run on the event loop's thread (core.sqlite.InlineWriter).
+        self._quick_writer: sqlite.InlineWriter | None = None
+        self._quick_reader: sqlite.InlineReader | None = None
+        self._checkpointer: sqlite.Checkpointer | None = None
         self._engine: AsyncEngine | None = None
         self._database = parsed.database or ""
         if self.is_sqlite:
@@ -172,17 +176,28 @@ class Store:
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             sync_url = parsed.set(drivername="sqlite")
-            self._writer = sqlite.WriterThread(sync_url, echo=echo)
-            self._readers = sqlite.ReaderPool(sync_url, echo=echo)
+            self._writer = sqlite.WriterThread(sync_url, echo=echo, hot=sql.HOT)
+            self._readers = sqlite.ReaderPool(sync_url, echo=echo, hot=sql.HOT)
+            if database and database != ":memory:" and not database.startswith("file:"):
+                self._quick_writer = sqlite.InlineWriter(
+                    sync_url, self._writer, echo=echo, hot=sql.HOT
+                )
+                self._quick_reader = sqlite.InlineReader(sync_url, echo=echo, hot=sql.HOT)
+                self._checkpointer = sqlite.Checkpointer(database)
         else:
             if parsed.get_backend_name() == "postgresql":  # "postgresql://…" means asyncpg here
                 parsed = parsed.set(drivername="postgresql+asyncpg")
             self._engine = create_async_engine(parsed, echo=echo, pool_size=20, max_overflow=20)
 
     async def close(self) -> None:
+        if self._quick_writer is not None and self._quick_reader is not None:
+            self._quick_writer.close()
+            self._quick_reader.close()
         if self._writer is not None:
             await self._writer.close()
             self._readers.close()
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
         if self._engine is not None:
             await self._engine.dispose()
 
@@ -193,23 +208,32 @@ class Store:
         _, options = self._engine.dialect.create_connect_args(self._engine.url)
         return PostgresLeadership(role, options)
 
-    async def write(self, job: Callable[[Connection], T]) -> T:
+    async def write(self, job: Callable[[Connection], T], *, quick: bool = False) -> T:
         """Run `job` in a write transaction; its result once committed.
 
         A job that raises leaves nothing behind, and its exception reaches this caller only.
+        A `quick` job (a few statements on indexed rows) runs on the event loop's thread on a
+        SQLite file (core.sqlite.InlineWriter).
         """
+        if quick and self._quick_writer is not None:
+            return await self._quick_writer.run(job)
         if self._writer is not None:
             return await self._writer.run(job)
         assert self._engine is not None
         async with self._engine.begin() as conn:
             return await conn.run_sync(job)
 
-    async def read(self, job: Callable[[Connection], T], *, snapshot: bool = False) -> T:
+    async def read(
+        self, job: Callable[[Connection], T], *, snapshot: bool = False, quick: bool = False
+    ) -> T:
         """Run `job` on a connection that sees everything committed so far.
 
         With `snapshot`, every statement of the job sees the same moment (SQLite's read
-        transactions always do; PostgreSQL needs REPEATABLE READ for it).
+        transactions always do; PostgreSQL needs REPEATABLE READ for it). A `quick` job (a few
+        rows by index) runs on the event loop's thread on a SQLite file.
         """
+        if quick and self._quick_reader is not None:
+            return self._quick_reader.run(job)
         if self._writer is not None:
             return await self._readers.run(job)
         assert self._engine is not None
@@ -249,7 +273,9 @@ class Store:
             "updated": now,
         }
         try:
-            claim = await self.write(lambda conn: _enqueue(conn, "inbox", values, lease_s))
+            claim = await self.write(
+                lambda conn: _enqueue(conn, "inbox", values, lease_s), quick=True
+            )
         except IntegrityError:
             return Intake(added=False)
         return Intake(added=True, claim=claim)
@@ -268,7 +294,7 @@ class Store:
         if limit <= 0 or not sources:
             return []
         params = {"b_sources": list(sources), "b_limit": limit}
-        return await self.write(lambda conn: _take(conn, name, params, lease_s))
+        return await self.write(lambda conn: _take(conn, name, params, lease_s), quick=True)
 
     async def renew(self, table_name: str, tokens: Sequence[str], lease_s: float) -> None:
         """Extend the leases of the items held under `tokens`."""
@@ -280,7 +306,7 @@ class Store:
             .where(table.c.claim_token.in_(list(tokens)), table.c.status == "working")
             .values(lease_until=utcnow() + timedelta(seconds=lease_s))
         )
-        await self.write(lambda conn: conn.execute(statement))
+        await self.write(lambda conn: conn.execute(statement), quick=True)
 
     async def release(self, table_name: str, tokens: Sequence[str]) -> None:
         """Hand back the items held under `tokens` so any worker may take them now."""
@@ -292,7 +318,7 @@ class Store:
             .where(table.c.claim_token.in_(list(tokens)), table.c.status == "working")
             .values(status="pending", claim_token=None, lease_until=None)
         )
-        await self.write(lambda conn: conn.execute(statement))
+        await self.write(lambda conn: conn.execute(statement), quick=True)
 
     async def release_stale(self, sources: Sequence[str]) -> int:
         """Hand back every claim on `sources` at start (one host owns a SQLite file)."""
@@ -396,7 +422,7 @@ class Store:
                 _queue_reply(conn, thread, reply, conversation.id, _new_id(result))
             return told
 
-        return await self.write(job)
+        return await self.write(job, quick=True)
 
     async def retry_outbox_later(
         self, claim: Claim, delay_s: float, error: str, payload: dict[str, Any] | None = None
@@ -417,7 +443,7 @@ class Store:
             .where(outbox.c.id == claim.id, outbox.c.claim_token == claim.token)
             .values(**values)
         )
-        await self.write(lambda conn: conn.execute(statement))
+        await self.write(lambda conn: conn.execute(statement), quick=True)
 
     async def finish_outbox(
         self,
@@ -441,31 +467,32 @@ class Store:
         }
         # A draft the reply went into is forgotten in the same transaction as the post is
         # marked sent: a crash before it repeats the same edit, never a second message.
-        used = sql.drafts.delete().where(
-            sql.drafts.c.thread_key == claim.thread_key,
-            sql.drafts.c.message_id.in_(list(platform_ids or ())),
-        )
+        used = {"b_thread_key": claim.thread_key, "b_ids": list(platform_ids or ())}
 
         def job(conn: Connection) -> Claim | None:
             conn.execute(sql.finish_post, params)
             if sent and platform_ids:
-                conn.execute(used)
+                conn.execute(sql.drop_used_drafts, used)
             return _take_next(conn, "outbox", claim.thread_key, lease_s)
 
-        return await self.write(job)
+        return await self.write(job, quick=True)
 
     async def queue_reply(
         self, thread: ThreadRef, payload: dict[str, Any], conversation_id: str | None = None
     ) -> None:
         """Put a reply in the outbox."""
-        await self.write(lambda conn: _queue_reply(conn, thread, payload, conversation_id, None))
+        await self.write(
+            lambda conn: _queue_reply(conn, thread, payload, conversation_id, None), quick=True
+        )
 
     # -- conversations ---------------------------------------------------------------------
 
     async def conversation_for_thread(self, thread_key: str) -> Conversation | None:
         """The conversation the thread continues now, if any."""
         params = {"thread_key": thread_key}
-        row = await self.read(lambda conn: conn.execute(sql.conversation_by_thread, params).first())
+        row = await self.read(
+            lambda conn: conn.execute(sql.conversation_by_thread, params).first(), quick=True
+        )
         return row_to_conversation(row) if row else None
 
     async def open_conversation(
@@ -508,7 +535,7 @@ class Store:
             conn.execute(sql.insert_link, link)
 
         try:
-            await self.write(job)
+            await self.write(job, quick=True)
         except IntegrityError:
             existing = await self.conversation_for_thread(thread.key)
             if existing is None:
@@ -531,7 +558,7 @@ class Store:
         statement = (
             conversations.update().where(conversations.c.id == conversation_id).values(**values)
         )
-        await self.write(lambda conn: conn.execute(statement))
+        await self.write(lambda conn: conn.execute(statement), quick=True)
 
     async def end_thread(self, thread_key: str) -> str | None:
         """Unlink the thread (`/new`); its next message opens a new conversation."""
@@ -559,7 +586,9 @@ class Store:
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
         params = {"id": conversation_id}
-        row = await self.read(lambda conn: conn.execute(sql.conversation_by_id, params).first())
+        row = await self.read(
+            lambda conn: conn.execute(sql.conversation_by_id, params).first(), quick=True
+        )
         return row_to_conversation(row) if row else None
 
     async def finish_turn(
@@ -639,13 +668,15 @@ class Store:
             )
             return Handoff(taken, _take_next(conn, "inbox", claim.thread_key, lease_s))
 
-        return await self.write(job)
+        return await self.write(job, quick=True)
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[Any]:
         """The conversation's stored messages, oldest first (the newest `limit` of them)."""
         if limit is not None:
             params: dict[str, Any] = {"conversation_id": conversation_id, "limit": limit}
-            rows = await self.read(lambda conn: list(conn.execute(sql.newest_messages, params)))
+            rows = await self.read(
+                lambda conn: list(conn.execute(sql.newest_messages, params)), quick=True
+            )
             return rows[::-1]
         params = {"conversation_id": conversation_id}
         return await self.read(lambda conn: list(conn.execute(sql.all_messages, params)))
@@ -660,18 +691,18 @@ class Store:
             conn.execute(posts.delete().where(posts.c.key.in_(list(keys))))
             conn.execute(posts.insert(), rows)
 
-        await self.write(job)
+        await self.write(job, quick=True)
 
     async def draft_of(self, thread_key: str) -> str | None:
         """The message the thread's next answer goes into, if one was posted (see DraftRow)."""
-        statement = sa.select(sql.drafts.c.message_id).where(sql.drafts.c.thread_key == thread_key)
-        return await self.read(lambda conn: conn.execute(statement).scalar())
+        params = {"b_thread_key": thread_key}
+        return await self.read(lambda conn: conn.execute(sql.draft_of, params).scalar(), quick=True)
 
     async def keep_draft(self, thread_key: str, message_id: str) -> bool:
         """Note the thread's draft message; False when the thread already has one."""
         row = {"thread_key": thread_key, "message_id": message_id, "created": utcnow()}
         try:
-            await self.write(lambda conn: conn.execute(sql.drafts.insert(), row))
+            await self.write(lambda conn: conn.execute(sql.drafts.insert(), row), quick=True)
         except IntegrityError:
             return False
         return True
@@ -683,19 +714,19 @@ class Store:
             .where(sql.drafts.c.thread_key == thread_key, sql.drafts.c.message_id == "")
             .values(message_id=message_id)
         )
-        await self.write(lambda conn: conn.execute(statement))
+        await self.write(lambda conn: conn.execute(statement), quick=True)
 
     async def drop_draft(self, thread_key: str, message_id: str) -> None:
         """Forget the thread's draft once the answer is in it (a newer one stays)."""
         statement = sql.drafts.delete().where(
             sql.drafts.c.thread_key == thread_key, sql.drafts.c.message_id == message_id
         )
-        await self.write(lambda conn: conn.execute(statement))
+        await self.write(lambda conn: conn.execute(statement), quick=True)
 
     async def thread_of_post(self, key: str) -> str | None:
         """The thread of a message the bot posted, by its platform key."""
         statement = sa.select(posts.c.thread_key).where(posts.c.key == key)
-        return await self.read(lambda conn: conn.execute(statement).scalar())
+        return await self.read(lambda conn: conn.execute(statement).scalar(), quick=True)
 
     async def move_threads(self, old_prefix: str, new_prefix: str, channel: str) -> int:
         """Re-key every thread under `old_prefix` (a chat that got a new id); return how many
@@ -731,7 +762,7 @@ class Store:
         def job(conn: Connection) -> bool:
             return bool(conn.execute(linked).first() or conn.execute(accepted).first())
 
-        return await self.read(job)
+        return await self.read(job, quick=True)
 
     async def thread_view(self, thread_key: str) -> tuple[list[Any], list[Any]]:
         """A thread as its person sees it, at one moment: the linked conversation's stored

@@ -1,0 +1,111 @@
+"""The SQLite store's quick path: hot statements on the driver, quick jobs on the event loop's
+thread, a write lock held by another process, and the WAL copied back off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from core import sql
+from core.model import Author, Inbound, ThreadRef
+from core.store import NewMessage, Store
+
+
+def said(n: int, text: str = "hello") -> Inbound:
+    thread = ThreadRef("slack", "T1", "C1", f"{n}.000")
+    return Inbound(f"ev{n}", thread, Author("U1", "Ann"), f"{text} {n}", {"team": "T1", "n": n})
+
+
+async def turn(store: Store, n: int) -> None:
+    """What the bridge stores for one answered Slack message."""
+    inbound = said(n)
+    intake = await store.add_inbound(inbound, lease_s=60)
+    assert intake.added and intake.claim is not None
+    conversation = await store.conversation_for_thread(inbound.thread.key)
+    if conversation is None:
+        conversation = await store.open_conversation(inbound.thread, "demo", inbound.data, "U1")
+    user = NewMessage.of_user(inbound, intake.claim.created)
+    reply = NewMessage(role="agent", content=f"answer {n} ✓", post=True)
+    handoff = await store.finish_turn(
+        intake.claim, conversation, [user, reply], state={"turns": n}, lease_s=60
+    )
+    assert handoff.posts and handoff.next_turn is None
+    assert await store.draft_of(inbound.thread.key) is None
+    await store.finish_outbox(handoff.posts[0], sent=True, platform_ids=[f"{n}.5"], lease_s=60)
+
+
+async def test_the_quick_path_stores_and_reads_what_sqlalchemy_does(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/tb.db")
+    await store.migrate()
+    for n in range(3):
+        await turn(store, n)
+    thread = said(1).thread
+    conversation = await store.conversation_for_thread(thread.key)
+    assert conversation is not None
+    assert conversation.data == {"team": "T1", "n": 1}
+    assert conversation.state == {"turns": 1}
+    assert conversation.created.tzinfo is not None
+    history = await store.history(conversation.id, limit=10)
+    assert [(m.role, m.content) for m in history] == [("user", "hello 1"), ("agent", "answer 1 ✓")]
+    assert await store.get_conversation(conversation.id) == conversation
+    await store.close()
+
+    # The same file read back with no quick path: every statement through SQLAlchemy.
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/tb.db")
+    with engine.connect() as conn:
+        row = conn.execute(sql.conversation_by_thread, {"thread_key": thread.key}).first()
+        inbox = conn.execute(sa.select(sql.inbox).order_by(sql.inbox.c.id)).all()
+        outbox = conn.execute(sa.select(sql.outbox).order_by(sql.outbox.c.id)).all()
+        stored = conn.execute(sa.select(sql.messages).order_by(sql.messages.c.id)).all()
+    engine.dispose()
+    assert row is not None and row.id == conversation.id and row.state == {"turns": 1}
+    assert [item.status for item in inbox] == ["done"] * 3
+    assert [(item.status, item.platform_ids) for item in outbox] == [
+        ("sent", [f"{n}.5"]) for n in range(3)
+    ]
+    assert [m.content for m in stored][2:4] == ["hello 1", "answer 1 ✓"]
+    assert stored[2].created == history[0].created
+    assert inbox[0].payload["author"] == {"id": "U1", "name": "Ann", "is_admin": False}
+
+
+async def test_a_write_lock_held_elsewhere_never_stalls_the_loop(tmp_path: Path) -> None:
+    """Another process (a CLI command, say) holds SQLite's write lock: the message waits on
+    the writer thread for it, while the event loop goes on serving."""
+    path = tmp_path / "tb.db"
+    store = Store(f"sqlite:///{path}")
+    await store.migrate()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    adding = asyncio.create_task(store.add_inbound(said(1), lease_s=60))
+    ticks = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert ticks > 20  # the loop was free the whole time
+    assert not adding.done()
+    other.execute("COMMIT")
+    other.close()
+    intake = await asyncio.wait_for(adding, 5)
+    assert intake.added and intake.claim is not None
+    await turn(store, 2)  # and the quick path is back for the next write
+    await store.close()
+
+
+async def test_the_wal_is_copied_into_the_database_off_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "tb.db"
+    store = Store(f"sqlite:///{path}")
+    await store.migrate()
+    await asyncio.sleep(1.2)  # the migration's pages are checkpointed
+    before = path.stat().st_size
+    await asyncio.gather(*(turn(store, n) for n in range(300)))
+    for _ in range(50):  # the checkpointer runs every second
+        await asyncio.sleep(0.1)
+        if path.stat().st_size > before:
+            break
+    assert path.stat().st_size > before
+    await store.close()
