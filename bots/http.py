@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.exc import DBAPIError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bots.admin.api import admin_guard, admin_routes
 from bots.admin.pages import admin_pages
@@ -24,8 +25,9 @@ from core.metrics import CONTENT_TYPE
 log = logging.getLogger("threadbridge")
 
 
-def create_app(app: App) -> FastAPI:
-    """The FastAPI app for `app`; its lifespan starts and stops everything."""
+def create_app(app: App) -> ASGIApp:
+    """The ASGI app for `app`: the platforms' webhooks, then FastAPI for the rest. Its
+    lifespan starts and stops everything."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -41,7 +43,7 @@ def create_app(app: App) -> FastAPI:
             await app.stop()
 
     api = FastAPI(title="threadbridge", version="0.1.0", lifespan=lifespan)
-    api.add_middleware(BodyLimit, max_bytes=app.config.server.max_body_bytes)
+    hooks: dict[str, Callable[[Request], Awaitable[Response]]] = {}
 
     @api.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:
@@ -69,7 +71,7 @@ def create_app(app: App) -> FastAPI:
         body = await bridge.metrics.render(app.store, list(bridge.adapters), breakers)
         return Response(body, media_type=CONTENT_TYPE)
 
-    async def store_unavailable(request: Request, exc: Exception) -> Response:
+    def store_unavailable(request: Request, exc: Exception) -> Response:
         # The store is down (a dropped connection, a refused one): nothing was written, and
         # a client, platform or person can send it again.
         log.warning("%s %s: the store is unavailable (%r)", request.method, request.url.path, exc)
@@ -79,8 +81,11 @@ def create_app(app: App) -> FastAPI:
             headers={"Retry-After": "5"},
         )
 
-    api.add_exception_handler(DBAPIError, store_unavailable)
-    api.add_exception_handler(OSError, store_unavailable)
+    async def store_unavailable_handler(request: Request, exc: Exception) -> Response:
+        return store_unavailable(request, exc)
+
+    api.add_exception_handler(DBAPIError, store_unavailable_handler)
+    api.add_exception_handler(OSError, store_unavailable_handler)
 
     async def invalid_request(request: Request, exc: Exception) -> Response:
         # FastAPI's own handler echoes the input as UTF-8 and fails (a 500) on a lone
@@ -103,7 +108,6 @@ def create_app(app: App) -> FastAPI:
 
         bolt = app.slack.app
 
-        @api.post("/slack/events", include_in_schema=False)
         async def slack_events(request: Request) -> Response:
             # Bolt reads the body before it checks the signature and raises on one that is not
             # UTF-8 or not a JSON object (and, signed, on some fields of the wrong type): a 400.
@@ -112,13 +116,44 @@ def create_app(app: App) -> FastAPI:
                 return to_starlette_response(await bolt.async_dispatch(slack_request))
             except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError):
                 return Response("malformed request", status_code=400, media_type="text/plain")
+            except (DBAPIError, OSError) as exc:
+                return store_unavailable(request, exc)
+
+        hooks["/slack/events"] = slack_events
 
     if app.telegram is not None and app.telegram.config.mode == "webhook":
         telegram = app.telegram
 
-        @api.post("/telegram/webhook", include_in_schema=False)
         async def telegram_webhook(request: Request) -> Response:
-            status, reason = await telegram.webhook(dict(request.headers), await request.body())
+            try:
+                status, reason = await telegram.webhook(dict(request.headers), await request.body())
+            except (DBAPIError, OSError) as exc:
+                return store_unavailable(request, exc)
             return Response(reason, status_code=status, media_type="text/plain")
 
-    return api
+        hooks["/telegram/webhook"] = telegram_webhook
+
+    return BodyLimit(Webhooks(api, hooks), max_bytes=app.config.server.max_body_bytes)
+
+
+class Webhooks:
+    """The platforms' webhooks (POST only), answered ahead of FastAPI; anything else goes to
+    `api`. An event is the one request every message makes, and FastAPI's middleware and
+    routing cost more CPU than a bare handler does (a Slack event: see README, Performance)."""
+
+    def __init__(self, api: ASGIApp, hooks: dict[str, Callable[[Request], Awaitable[Response]]]):
+        self.api = api
+        self.hooks = hooks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hook = self.hooks.get(scope["path"]) if scope["type"] == "http" else None
+        if hook is None:
+            await self.api(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            response: Response = JSONResponse(
+                {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": "POST"}
+            )
+        else:
+            response = await hook(Request(scope, receive))
+        await response(scope, receive, send)
