@@ -327,7 +327,7 @@ class Bridge:
             await self._emit(inbound.thread.key, "turn")
             return
         started = time.monotonic()
-        working = asyncio.create_task(self._show_working(inbound.thread))
+        stop_working = self._working_after(inbound.thread)
         user = NewMessage.of_user(inbound, claim.created)
         conversation: Conversation | None = None
         try:
@@ -367,7 +367,7 @@ class Bridge:
             await self._finish(claim, conversation, [user, notice], failed=reason)
             self.metrics.turn_failed(conversation.agent, exc, started)
         finally:
-            working.cancel()
+            stop_working()
         # An answered or failed turn's replies went to a worker with the turn (`_finish`).
         await self._emit(inbound.thread.key, "turn")
 
@@ -581,12 +581,29 @@ class Bridge:
         rows = await self.store.history(conversation_id, limit=memory)
         return [_turn(row) for row in rows if row.kind not in ("notice", "refused")]
 
-    async def _show_working(self, thread: ThreadRef) -> None:
+    def _working_after(self, thread: ThreadRef) -> Callable[[], None]:
+        """Show that the agent works on the thread once the turn has taken `working_after_s`
+        (a quick answer needs no "working…": it would only flash before the answer replaces
+        it); the function returned stops it. A timer, not a task, until then: most turns
+        never get there."""
         adapter = self.adapters.get(thread.source)
         if adapter is None:
-            return
-        # A quick answer needs no "working…": it would only flash before the answer replaces it.
-        await asyncio.sleep(self.settings.working_after_s)
+            return lambda: None
+        started: list[asyncio.Task[None]] = []
+
+        def start() -> None:
+            started.append(asyncio.create_task(self._show_working(adapter, thread)))
+
+        timer = asyncio.get_running_loop().call_later(self.settings.working_after_s, start)
+
+        def stop() -> None:
+            timer.cancel()
+            for task in started:
+                task.cancel()
+
+        return stop
+
+    async def _show_working(self, adapter: ChannelAdapter, thread: ThreadRef) -> None:
         while True:
             try:
                 await adapter.show_working(thread)

@@ -62,7 +62,13 @@ def configure(
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+        if engine.echo:
+            conn.exec_driver_sql(begin)
+            return
+        try:  # on the driver: SQLAlchemy's execution costs more than the BEGIN
+            conn.connection.driver_connection.execute(begin)
+        except sqlite3.Error as exc:
+            raise sa.exc.DBAPIError.instance(begin, (), exc, sqlite3.Error) from exc
 
 
 class WriterThread:
@@ -168,18 +174,28 @@ class InlineWriter:
 
 class InlineReader:
     """Runs quick reads (a few rows by index) on the event loop's own thread (see
-    InlineWriter): a read on a WAL database never waits for a writer."""
+    InlineWriter): a read on a WAL database never waits for a writer. One connection, kept
+    open; a hot statement runs without a transaction of its own (it sees one moment anyway),
+    and whatever else a job runs is rolled back after it."""
 
     def __init__(self, url: sa.URL, *, echo: bool, hot: frozenset[int]) -> None:
         self.engine = sa.create_engine(url, echo=echo, poolclass=sa.pool.StaticPool)
         configure(self.engine, immediate=False, busy_ms=1000)
-        use_hot_path(self.engine, hot)
+        use_hot_path(self.engine, hot, begin=False)
+        self._conn: Connection | None = None
 
     def run(self, job: Callable[[Connection], T]) -> T:
-        with self.engine.connect() as conn:
-            return job(conn)
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        try:
+            return job(self._conn)
+        finally:
+            if self._conn.in_transaction():
+                self._conn.rollback()
 
     def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
         self.engine.dispose()
 
 
@@ -361,6 +377,7 @@ class FastConnection(Connection):
     """A connection whose hot statements (`hot`, from core.sql.HOT) run on the sqlite3 driver."""
 
     hot: frozenset[int] = frozenset()
+    begins = True  # a hot statement outside a transaction opens one, as autobegin would
 
     def execute(self, statement: Any, parameters: Any = None, **kw: Any) -> Any:
         if id(statement) not in self.hot or kw or not isinstance(parameters, Mapping):
@@ -376,7 +393,7 @@ class FastConnection(Connection):
             text, values = plan.values(parameters)
         except _Unplannable:
             return super().execute(statement, parameters)
-        if not self.in_transaction():
+        if self.begins and not self.in_transaction():
             self.begin()  # as SQLAlchemy's autobegin would: the job's reads see one moment
         try:
             cursor = self.connection.driver_connection.execute(text, values)  # type: ignore[union-attr]
@@ -385,11 +402,12 @@ class FastConnection(Connection):
         return FastResult(cursor, plan)
 
 
-def use_hot_path(engine: Engine, hot: frozenset[int]) -> None:
+def use_hot_path(engine: Engine, hot: frozenset[int], *, begin: bool = True) -> None:
     """Connections of `engine` run the statements `hot` on the driver (not with SQL echo, which
-    shows what SQLAlchemy runs)."""
+    shows what SQLAlchemy runs); without `begin`, outside a transaction."""
     if hot and not engine.echo:
-        engine._connection_cls = type("HotConnection", (FastConnection,), {"hot": hot})
+        attributes = {"hot": hot, "begins": begin}
+        engine._connection_cls = type("HotConnection", (FastConnection,), attributes)
 
 
 class FastResult:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -273,17 +274,29 @@ class SlackAdapter:
     async def _facts(self, heard: Heard) -> tuple[str, dict[str, Any]]:
         """The author's name and, for a new thread, the conversation's data. Best effort and
         at most LOOKUP_S: Slack wants its acknowledgement within 3 s, and it waits on this."""
-        lookups = {"user": self._user_name(heard.author_id)}
+        found: dict[str, str] = {}
+        lookups: dict[str, Coroutine[Any, Any, str]] = {}
+        known = {"user": self._names.get(heard.author_id)}
         if heard.kind != "thread_reply":
-            lookups["channel"] = self._channel_name(heard.thread.channel)
-            lookups["permalink"] = self._permalink(heard.thread)
-        tasks = {key: asyncio.ensure_future(lookup) for key, lookup in lookups.items()}
-        done, late = await asyncio.wait(tasks.values(), timeout=LOOKUP_S)
-        for task in late:
-            task.cancel()
-        if late:
-            log.debug("slack: %d lookup(s) for %s were too slow", len(late), heard.thread.key)
-        found = {key: task.result() for key, task in tasks.items() if task in done}
+            known["channel"] = self._channel_names.get(heard.thread.channel)
+            known["permalink"] = self._built_permalink(heard.thread)
+        for key, value in known.items():
+            if value is not None:
+                found[key] = value  # known already: the common case needs no task
+            elif key == "user":
+                lookups[key] = self._user_name(heard.author_id)
+            elif key == "channel":
+                lookups[key] = self._channel_name(heard.thread.channel)
+            else:
+                lookups[key] = self._permalink(heard.thread)
+        if lookups:
+            tasks = {key: asyncio.ensure_future(lookup) for key, lookup in lookups.items()}
+            done, late = await asyncio.wait(tasks.values(), timeout=LOOKUP_S)
+            for task in late:
+                task.cancel()
+            if late:
+                log.debug("slack: %d lookup(s) for %s were too slow", len(late), heard.thread.key)
+            found.update({key: task.result() for key, task in tasks.items() if task in done})
         name = found.get("user", "")
         if heard.kind == "thread_reply":
             return name, {}
@@ -319,12 +332,18 @@ class SlackAdapter:
             self._channel_names[channel] = str((answer.get("channel") or {}).get("name") or "")
         return self._channel_names[channel]
 
+    def _built_permalink(self, thread: ThreadRef) -> str | None:
+        if not self._workspace_url.startswith("https://"):
+            return None
+        ts = thread.thread.replace(".", "")
+        return f"{self._workspace_url.rstrip('/')}/archives/{thread.channel}/p{ts}"
+
     async def _permalink(self, thread: ThreadRef) -> str:
         """The thread's link: built the way Slack builds it when auth.test gave the workspace's
         URL (no call before the acknowledgement), else asked of chat.getPermalink."""
-        if self._workspace_url.startswith("https://"):
-            ts = thread.thread.replace(".", "")
-            return f"{self._workspace_url.rstrip('/')}/archives/{thread.channel}/p{ts}"
+        built = self._built_permalink(thread)
+        if built is not None:
+            return built
         try:
             answer = await self.client.chat_getPermalink(
                 channel=thread.channel, message_ts=thread.thread
