@@ -107,6 +107,16 @@ finish_post = (
 )
 
 draft_of = sa.select(drafts.c.message_id).where(drafts.c.thread_key == bindparam("b_thread_key"))
+insert_draft = drafts.insert()
+fill_draft = (  # a draft noted as "" (being posted) gets the id the platform gave it
+    drafts.update()
+    .where(drafts.c.thread_key == bindparam("b_thread_key"), drafts.c.message_id == "")
+    .values(message_id=bindparam("b_message_id"))
+)
+drop_draft = drafts.delete().where(
+    drafts.c.thread_key == bindparam("b_thread_key"),
+    drafts.c.message_id == bindparam("b_message_id"),
+)
 # A draft the reply went into is forgotten as the post is marked sent (core/store.py).
 drop_used_drafts = drafts.delete().where(
     drafts.c.thread_key == bindparam("b_thread_key"),
@@ -210,6 +220,9 @@ HOT = frozenset(
         finish_conversation,
         finish_post,
         draft_of,
+        insert_draft,
+        fill_draft,
+        drop_draft,
         drop_used_drafts,
         *NEXT_IN_THREAD.values(),
         *THREAD_BUSY.values(),

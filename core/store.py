@@ -702,26 +702,20 @@ class Store:
         """Note the thread's draft message; False when the thread already has one."""
         row = {"thread_key": thread_key, "message_id": message_id, "created": utcnow()}
         try:
-            await self.write(lambda conn: conn.execute(sql.drafts.insert(), row), quick=True)
+            await self.write(lambda conn: conn.execute(sql.insert_draft, row), quick=True)
         except IntegrityError:
             return False
         return True
 
     async def fill_draft(self, thread_key: str, message_id: str) -> None:
         """Give a draft noted as "" (being posted) the id the platform gave it."""
-        statement = (
-            sql.drafts.update()
-            .where(sql.drafts.c.thread_key == thread_key, sql.drafts.c.message_id == "")
-            .values(message_id=message_id)
-        )
-        await self.write(lambda conn: conn.execute(statement), quick=True)
+        params = {"b_thread_key": thread_key, "b_message_id": message_id}
+        await self.write(lambda conn: conn.execute(sql.fill_draft, params), quick=True)
 
     async def drop_draft(self, thread_key: str, message_id: str) -> None:
         """Forget the thread's draft once the answer is in it (a newer one stays)."""
-        statement = sql.drafts.delete().where(
-            sql.drafts.c.thread_key == thread_key, sql.drafts.c.message_id == message_id
-        )
-        await self.write(lambda conn: conn.execute(statement), quick=True)
+        params = {"b_thread_key": thread_key, "b_message_id": message_id}
+        await self.write(lambda conn: conn.execute(sql.drop_draft, params), quick=True)
 
     async def thread_of_post(self, key: str) -> str | None:
         """The thread of a message the bot posted, by its platform key."""
