@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import math
 import os
 import random
+import ssl
 import time
-from collections.abc import AsyncGenerator
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
+from json import dumps, loads
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
+import certifi
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import AgentRejected, AgentServiceError, AgentUnavailable
@@ -134,50 +138,117 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-# httpcore walks every connection of a pool, with a syscall or two each, on every request;
-# with hundreds of connections in one pool that stalled the event loop for up to 0.45 s.
-# Several small pools, each request sent through the least busy, keep that walk short.
-POOL_SHARD = 32
+# An idle connection is dropped after this, before servers that close theirs at 5 s (uvicorn's
+# default: vLLM, LiteLLM) do; a call sent on a connection the server is closing would fail.
+KEEPALIVE_S = 4.0
+DNS_TTL_S = 10  # a host's addresses are looked up again for new connections after this
+
+
+# Read once per client: aiohttp's own trust_env looks the proxy up in a thread on every request.
+def env_proxy(url: str) -> str | None:
+    """The proxy HTTP_PROXY / HTTPS_PROXY name for `url`, unless NO_PROXY exempts its host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme) or None
+
+
+def tls_context() -> ssl.SSLContext:
+    """Check servers against certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR when set (what the
+    agent clients have always trusted, whatever the system's store holds)."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+@dataclass(frozen=True, slots=True)
+class HttpReply:
+    """An answer read whole."""
+
+    status: int
+    reason: str
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
 
 
 class HttpAgentService:
-    """Base of the HTTP clients: pooled httpx clients, retries, and error mapping."""
+    """Base of the HTTP clients: one pooled aiohttp session, retries, and error mapping."""
 
     stateful: bool = False
 
     def __init__(self, name: str, config: HttpAgentConfig, headers: dict[str, str]) -> None:
         self.name = name
         self.config = config
-        shards = math.ceil(config.max_connections / POOL_SHARD)
-        size = math.ceil(config.max_connections / shards)
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        # pool=None: a call waits its turn for a connection instead of failing under load.
-        timeout = httpx.Timeout(config.timeout_s, pool=None)
-        self._pools = [
-            httpx.AsyncClient(
-                base_url=config.base_url.rstrip("/"),
-                headers=headers,
-                limits=limits,
-                timeout=timeout,
-                event_hooks={"request": [_send_trace]},
-            )
-            for _ in range(shards)
-        ]
-        self._in_flight = [0] * shards
+        self._headers = headers
+        self._root = config.base_url.rstrip("/")  # its path is a prefix: /v1 + /chat/completions
+        self._http: aiohttp.ClientSession | None = None  # made on the running loop, first call
+        self._closed = False
+        self._proxy = env_proxy(self._root)
+        self._in_flight = 0  # calls waiting for, or holding, a connection
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is not None:
+            return self._http
+        if self._closed:
+            raise RuntimeError(f"agent {self.name}: the client is closed")
+        config = self.config
+        # One pool: aiohttp hands out free connections from a queue, so the work per call stays
+        # flat with hundreds open (bench 3: 300 calls in flight add ~2 ms, p99 under 20 ms).
+        connector = aiohttp.TCPConnector(
+            limit=config.max_connections,
+            limit_per_host=0,  # every call goes to base_url's host: `limit` is the cap
+            keepalive_timeout=KEEPALIVE_S,
+            ttl_dns_cache=DNS_TTL_S,
+            ssl=tls_context() if self._root.lower().startswith("https:") else True,
+        )
+        self._http = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            # Connecting, and each wait for bytes from the service, within timeout_s; a call
+            # waiting for a free connection waits its turn instead of failing under load.
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=config.timeout_s, sock_read=config.timeout_s
+            ),
+            # A cookie the service sets (a load balancer's affinity) comes back on later calls.
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+        )
+        return self._http
 
     async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
+        self._closed = True
+        if self._http is not None:
+            await self._http.close()
+
+    async def _open(
+        self, method: str, path: str, *, json: Any, params: dict[str, Any] | None
+    ) -> aiohttp.ClientResponse:
+        """Send a call and read its status line and headers; the body is the caller's to read
+        and the response theirs to release."""
+        headers = trace_headers()  # every call carries its message's trace id (X-Trace-Id)
+        data = None
+        if json is not None:
+            data = _json_bytes(json)
+            headers["Content-Type"] = "application/json"
+        return await self._session().request(
+            method,
+            self._root + (path if path.startswith("/") else f"/{path}"),
+            params=_query(params) if params else None,
+            data=data,
+            headers=headers,
+            allow_redirects=False,  # a redirect is an answer like any other (not JSON)
+            proxy=self._proxy,
+        )
 
     async def _send(
         self, method: str, path: str, *, json: Any, params: dict[str, Any] | None
-    ) -> httpx.Response:
-        index = min(range(len(self._pools)), key=self._in_flight.__getitem__)
-        self._in_flight[index] += 1
+    ) -> HttpReply:
+        self._in_flight += 1
         try:
-            return await self._pools[index].request(method, path, json=json, params=params)
+            return await read_whole(await self._open(method, path, json=json, params=params))
         finally:
-            self._in_flight[index] -= 1
+            self._in_flight -= 1
 
     async def request(
         self,
@@ -222,13 +293,13 @@ class HttpAgentService:
     ) -> Any:
         try:
             response = await self._send(method, path, json=json, params=params)
-        except httpx.UnsupportedProtocol as exc:
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:  # no scheme, or host
             raise AgentRejected(f"base_url {self.config.base_url!r} is not an http(s) URL") from exc
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:  # before aiohttp's ClientError: its timeouts are both
             raise AgentUnavailable(f"timed out after {self.config.timeout_s:g}s") from exc
-        except httpx.TransportError as exc:
-            raise AgentUnavailable(f"cannot reach {self.config.base_url}: {exc!r}") from exc
-        status = response.status_code
+        except aiohttp.ClientError as exc:
+            raise AgentUnavailable(f"cannot reach {self.config.base_url}: {why(exc)}") from exc
+        status = response.status
         if status == 429 or status >= 500:
             raise AgentUnavailable(
                 f"HTTP {status}: {_detail(response)}",
@@ -238,22 +309,50 @@ class HttpAgentService:
         if status >= 400:
             raise AgentRejected(f"HTTP {status}: {_detail(response)}", status=status)
         try:
-            return response.json()
+            return loads(response.body)
         except ValueError as exc:
             raise AgentUnavailable(f"HTTP {status} with a body that is not JSON") from exc
 
 
-async def _send_trace(request: httpx.Request) -> None:
-    """Every call carries the trace id of the message it serves (X-Trace-Id), when there is one."""
-    request.headers.update(trace_headers())
+async def read_whole(response: aiohttp.ClientResponse) -> HttpReply:
+    """Read a response to its end and release it (its connection goes back to the pool)."""
+    try:
+        body = await response.read()
+    finally:
+        response.release()
+    return HttpReply(response.status, response.reason or "", response.headers, body)
 
 
-def _detail(response: httpx.Response) -> str:
+def why(exc: BaseException) -> str:
+    """An aiohttp error in words. Never its repr: that shows the request's headers (the key)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _json_bytes(body: Any) -> bytes:
+    # Compact UTF-8; NaN is refused (JSON has no word for it).
+    return dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _query(params: dict[str, Any]) -> dict[str, str]:
+    # aiohttp refuses booleans and None as query values: "true"/"false" and "" instead.
+    return {
+        key: "true"
+        if value is True
+        else "false"
+        if value is False
+        else ""
+        if value is None
+        else str(value)
+        for key, value in params.items()
+    }
+
+
+def _detail(response: HttpReply) -> str:
     """The service's own words for an error, kept short (and never our request headers)."""
     try:
-        body = response.json()
+        body = loads(response.body)
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return response.body.decode("utf-8", "replace")[:200] or response.reason
     if isinstance(body, dict):
         for key in ("detail", "error", "message"):
             if key in body:

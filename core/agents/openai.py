@@ -16,15 +16,18 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 from pydantic import Field
 
 from core.agents.base import (
     AgentResponse,
     HttpAgentConfig,
     HttpAgentService,
+    HttpReply,
     StreamEvent,
     env_secret,
+    read_whole,
+    why,
 )
 from core.errors import AgentRejected, AgentUnavailable
 from core.model import Conversation, ToolCall, ToolSpec, Turn
@@ -55,10 +58,9 @@ class OpenAIConfig(HttpAgentConfig):
 class _StreamOpened(Exception):
     """Carries a streamed 200 response out of the shared retry loop (see `OpenAIAgent._send`)."""
 
-    def __init__(self, response: httpx.Response, slot: int) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         super().__init__("stream opened")
-        self.response = response
-        self.slot = slot  # the pool it holds a place in, released when the stream closes
+        self.response = response  # holds a connection (and a place in _in_flight) till released
 
 
 @dataclass(slots=True)
@@ -234,7 +236,7 @@ class OpenAIAgent(HttpAgentService):
             # request() holds the retry policy; an opened stream leaves it as _StreamOpened.
             plain = await self.request("POST", PATH, json=body)
         except _StreamOpened as opened:
-            response, slot = opened.response, opened.slot
+            response = opened.response
         else:
             final = _read_completion(plain, self.name)
             yield StreamEvent(text=final.visible[0] if final.visible else "", response=final)
@@ -248,8 +250,8 @@ class OpenAIAgent(HttpAgentService):
                 if _read_chunk(reply, data):
                     yield StreamEvent(text=reply.text)
         finally:
-            self._in_flight[slot] -= 1
-            await response.aclose()
+            self._in_flight -= 1
+            response.release()  # back to the pool once read to the end; closed otherwise
         if not reply.finished:
             raise AgentUnavailable("openai: the stream ended before the answer was complete")
         final = reply.response(self.name)
@@ -257,7 +259,7 @@ class OpenAIAgent(HttpAgentService):
 
     async def _send(
         self, method: str, path: str, *, json: Any, params: dict[str, Any] | None
-    ) -> httpx.Response:
+    ) -> HttpReply:
         """Send a call; a streamed one keeps its connection open past this method.
 
         An error status is read whole and returned, so the shared policy maps and retries it; a
@@ -265,44 +267,60 @@ class OpenAIAgent(HttpAgentService):
         """
         if not (isinstance(json, dict) and json.get("stream")):
             return await super()._send(method, path, json=json, params=params)
-        index = min(range(len(self._pools)), key=self._in_flight.__getitem__)
-        pool = self._pools[index]
-        self._in_flight[index] += 1
+        self._in_flight += 1
         opened = False
         try:
-            request = pool.build_request(method, path, json=json, params=params)
-            response = await pool.send(request, stream=True)
+            response = await self._open(method, path, json=json, params=params)
             kind = response.headers.get("content-type", "")
             # A server that cannot stream may answer JSON: that goes the usual way.
-            if response.is_success and not kind.startswith("application/json"):
+            if 200 <= response.status < 300 and not kind.startswith("application/json"):
                 opened = True
-                raise _StreamOpened(response, index)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-            return response
+                raise _StreamOpened(response)
+            return await read_whole(response)
         finally:
             if not opened:
-                self._in_flight[index] -= 1
+                self._in_flight -= 1
 
 
-async def _sse_data(response: httpx.Response, timeout_s: float) -> AsyncIterator[str]:
+async def _sse_data(response: aiohttp.ClientResponse, timeout_s: float) -> AsyncIterator[str]:
     """The `data:` fields of an event stream, one event at a time."""
     lines: list[str] = []
     try:
-        async for line in response.aiter_lines():
+        async for line in _lines(response.content):
             if line.startswith("data:"):
                 lines.append(line[5:].removeprefix(" "))
             elif not line and lines:
                 yield "\n".join(lines)
                 lines = []
-    except httpx.TimeoutException as exc:
+    except TimeoutError as exc:  # before ClientError: aiohttp's read timeout is both
         raise AgentUnavailable(f"openai: the stream stalled for {timeout_s:g}s") from exc
-    except httpx.TransportError as exc:
-        raise AgentUnavailable(f"openai: the stream broke: {exc!r}") from exc
+    except aiohttp.ClientError as exc:
+        raise AgentUnavailable(f"openai: the stream broke: {why(exc)}") from exc
     if lines:
         yield "\n".join(lines)
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The lines of an event stream as it arrives, each ended by CRLF, LF or CR and nothing else
+    (not U+2028, which a model may well write unescaped), however long.
+
+    Not aiohttp's readline: it ends lines at LF only, and refuses one over 128 KiB (a tool
+    call's arguments can be longer).
+    """
+    pending = b""
+    async for chunk in content.iter_any():
+        pending += chunk
+        held = pending.endswith(b"\r")  # maybe the first half of a CRLF: wait for the next byte
+        *done, pending = _LINE_END.split(pending[:-1] if held else pending)
+        if held:
+            pending += b"\r"
+        for line in done:
+            yield line.decode("utf-8", "replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
 
 
 def _read_chunk(reply: _Reply, data: str) -> bool:

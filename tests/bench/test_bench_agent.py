@@ -6,10 +6,11 @@ second for 20 s (each in a new thread) through the fake Slack into `threadbridge
 and the answers of the last seconds must come as fast as the events (no growing backlog).
 `/metrics` is sampled meanwhile for the inbox items being worked on (turns in flight).
 
-`test_agent_pool`: the HTTP policy of every remote agent (`HttpAgentService`, several small
-httpx pools) against the same emulator, calls started at a steady rate that keeps 30 and then
-300 in flight: what each call costs beyond the agent's 2 s, next to one plain httpx pool of the
-same size, and how long the event loop stalls meanwhile.
+`test_agent_pool`: the HTTP policy of every remote agent (`HttpAgentService`: one aiohttp
+session, its connector capped at max_connections) against the same emulator, calls started at
+a steady rate that keeps 30 and then 300 in flight: what each call costs beyond the agent's
+2 s, next to one plain httpx pool of the same size (the reference: httpcore scans its pool on
+every request), and how long the event loop stalls meanwhile.
 """
 
 from __future__ import annotations
