@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -226,12 +226,17 @@ def _text_condition(term: Term, dialect: str) -> Any:
         hits = sa.select(FTS.c.rowid).where(sa.literal_column("messages_fts").op("MATCH")(query))
         having = messages.c.id.in_(hits)
     else:
-        if term.phrase:
-            tsquery = sa.func.phraseto_tsquery(SIMPLE, term.text)
-        else:
-            tsquery = sa.func.to_tsquery(SIMPLE, term.text + ":*")
-        having = PG_DOCUMENT.op("@@")(tsquery)
+        having = pg_match(term)
     return conversations.c.id.in_(sa.select(messages.c.conversation_id).where(having))
+
+
+def pg_match(term: Term) -> Any:
+    """Whether a message has `term` (PostgreSQL, through the full-text index)."""
+    if term.phrase:
+        tsquery = sa.func.phraseto_tsquery(SIMPLE, term.text)
+    else:
+        tsquery = sa.func.to_tsquery(SIMPLE, term.text + ":*")
+    return PG_DOCUMENT.op("@@")(tsquery)
 
 
 def _data_value(key: str, dialect: str) -> Any:
@@ -275,6 +280,12 @@ def conditions(f: SearchFilters, dialect: str) -> list[Any]:
     return found
 
 
+def text_only(f: SearchFilters) -> bool:
+    """Whether `f` has words to search for and no other filter (in either dialect)."""
+    others = conditions(replace(f, text=None), "sqlite")
+    return bool(f.text and text_terms(f.text)) and not others
+
+
 def _utc(value: datetime) -> datetime:
     """SQLite compares stored times as text: a bound with another offset must be converted;
     the calendar's ends are clamped."""
@@ -301,6 +312,7 @@ def page(f: SearchFilters, where: list[Any]) -> Any:
     matches are found once for the page and the total together (a CTE used twice is
     computed once, on SQLite and PostgreSQL alike) rather than once for each. Without text a
     page reads a few index entries and the total counts an index range: two statements.
+    A search by text alone on PostgreSQL has its own statement (core.search_pg).
     """
     if not f.text:
         query = sa.select(conversations).where(*where).order_by(*ordering(f))

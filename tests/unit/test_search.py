@@ -3,6 +3,7 @@ search through the index (FTS5 / tsvector), keyset pages for export, metadata up
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -13,11 +14,13 @@ import sqlalchemy as sa
 from alembic import command
 
 from core import search as searching
+from core import search_pg
 from core.migrate import alembic_config
 from core.model import Conversation, ThreadRef
 from core.search import FilterError, search_filters, text_terms
 from core.sql import conversations, insert_message, messages
 from core.store import Store
+from tests.pg import PostgresServer
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -191,6 +194,77 @@ async def test_text_search_goes_through_the_full_text_index(store: Store) -> Non
         assert "VIRTUAL TABLE INDEX" in shown and "messages_fts" in shown, shown
     else:
         assert "ix_messages_fts" in shown, shown
+
+
+@pytest.fixture
+async def pg_store(postgres: PostgresServer) -> AsyncIterator[Store]:
+    s = Store(postgres.database())
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+async def test_postgresql_text_pages_are_exact_whichever_way_they_are_taken(
+    pg_store: Store,
+) -> None:
+    # A search by text alone takes its page from the newest conversations, read in order,
+    # when they hold it, and otherwise from every match: windows too small to hold the page,
+    # or that hold part of it, give the same pages as one that holds them all.
+    made = []
+    for n in range(14):
+        texts = ["pension and tax" if n < 5 or n % 3 == 0 else "tax only", "reply"]
+        created = T0 + timedelta(hours=n if n != 7 else 6)  # 6 and 7: the id breaks the tie
+        made.append(await add(pg_store, web(n), texts, created=created))
+    matching = [c for n, c in enumerate(made) if n < 5 or n % 3 == 0]
+
+    def run(query: Any) -> Any:
+        return pg_store.read(lambda conn: list(conn.execute(query).all()))
+
+    # Before ANALYZE the planner counts no conversations: every window is tried (and the
+    # small ones come up short); after it, only the windows that should hold the page.
+    for analyzed in (False, True):
+        if analyzed:
+            await pg_store.write(lambda conn: conn.exec_driver_sql("ANALYZE conversations"))
+        for text, newest_first in itertools.product(("pens", 'pension "and tax"'), (True, False)):
+            ordered = sorted(matching, key=lambda c: (c.created, c.id), reverse=newest_first)
+            for limit, offset in ((2, 0), (3, 2), (20, 0), (4, 6), (2, 9)):
+                f = search_filters(text=text, limit=limit, offset=offset, reversed=newest_first)
+                expected = [c.id for c in ordered[offset : offset + limit]]
+                for window in (1, 3, 6, 12, 10_000):
+                    rows = await run(search_pg.page(f, window))
+                    assert [r.id for r in rows] == expected, (analyzed, text, f, window)
+                    assert {r.total for r in rows} <= {len(matching)}
+                counted = await run(search_pg.count(f))
+                assert counted[0][0] == len(matching)
+    assert await ids(pg_store, text="pension tax", limit=2) == [made[12].id, made[9].id]
+    assert await pg_store.search(search_filters(text="pens", offset=9)) == ([], len(matching))
+
+
+async def test_a_postgresql_text_search_reads_the_newest_conversations_in_order(
+    pg_store: Store,
+) -> None:
+    # The planner decides these from estimates: a hash of the matches probed while the
+    # newest conversations are read through their index (not a join, which would read
+    # them all), with the full-text index used even by a plan made without the text.
+    await add(pg_store, web(1), ["pension"])
+    query = search_pg.page(search_filters(text='pension "tax relief"'))
+
+    def plan(conn: Any) -> str:
+        conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table would be scanned anyway
+        conn.exec_driver_sql("SET enable_sort = off")
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        compiled = query.compile(conn, compile_kwargs={"render_postcompile": True})
+        conn.exec_driver_sql(f"PREPARE found AS {compiled}")
+        given = [compiled.params[name] for name in compiled.positiontup or []]
+        values = ", ".join("'" + str(v).replace("'", "''") + "'" for v in given)
+        return "\n".join(
+            row[0] for row in conn.exec_driver_sql(f"EXPLAIN VERBOSE EXECUTE found({values})")
+        )
+
+    shown = await pg_store.read(plan)
+    assert "Index Scan Backward using ix_conversations_created" in shown, shown
+    assert "(hashed SubPlan" in shown, shown
+    assert shown.count("Bitmap Index Scan on ix_messages_fts") == 2, shown
 
 
 async def test_the_migration_indexes_messages_already_stored(store_url: str) -> None:
