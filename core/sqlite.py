@@ -65,10 +65,7 @@ def configure(
         if engine.echo:
             conn.exec_driver_sql(begin)
             return
-        try:  # on the driver: SQLAlchemy's execution costs more than the BEGIN
-            conn.connection.driver_connection.execute(begin)
-        except sqlite3.Error as exc:
-            raise sa.exc.DBAPIError.instance(begin, (), exc, sqlite3.Error) from exc
+        on_driver(conn, begin, ())  # SQLAlchemy's execution costs more than the BEGIN
 
 
 class WriterThread:
@@ -395,11 +392,16 @@ class FastConnection(Connection):
             return super().execute(statement, parameters)
         if self.begins and not self.in_transaction():
             self.begin()  # as SQLAlchemy's autobegin would: the job's reads see one moment
-        try:
-            cursor = self.connection.driver_connection.execute(text, values)  # type: ignore[union-attr]
-        except sqlite3.Error as exc:
-            raise sa.exc.DBAPIError.instance(text, values, exc, sqlite3.Error) from exc
-        return FastResult(cursor, plan)
+        return FastResult(on_driver(self, text, values), plan)
+
+
+def on_driver(conn: Connection, text: str, values: Any) -> sqlite3.Cursor:
+    """Run `text` on the connection's sqlite3 driver; its errors as SQLAlchemy's own."""
+    try:
+        cursor: sqlite3.Cursor = conn.connection.driver_connection.execute(text, values)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise sa.exc.DBAPIError.instance(text, values, exc, sqlite3.Error) from exc
+    return cursor
 
 
 def use_hot_path(engine: Engine, hot: frozenset[int], *, begin: bool = True) -> None:

@@ -173,12 +173,13 @@ class Store:
         self._database = parsed.database or ""
         if self.is_sqlite:
             database = self._database
-            if database and database != ":memory:" and not database.startswith("file:"):
+            a_file = bool(database) and database != ":memory:" and not database.startswith("file:")
+            if a_file:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             sync_url = parsed.set(drivername="sqlite")
             self._writer = sqlite.WriterThread(sync_url, echo=echo, hot=sql.HOT)
             self._readers = sqlite.ReaderPool(sync_url, echo=echo, hot=sql.HOT)
-            if database and database != ":memory:" and not database.startswith("file:"):
+            if a_file:
                 self._quick_writer = sqlite.InlineWriter(
                     sync_url, self._writer, echo=echo, hot=sql.HOT
                 )
