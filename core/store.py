@@ -480,6 +480,9 @@ class Store:
         used = {"b_thread_key": claim.thread_key, "b_ids": list(platform_ids or ())}
 
         def job(conn: Connection) -> Claim | None:
+            # Under the thread's lock, as a turn queuing the next reply is: else each could
+            # miss the other's uncommitted row, and that reply would wait for the poll.
+            _lock_thread(conn, claim.thread_key)
             conn.execute(sql.finish_post, params)
             if sent and platform_ids:
                 conn.execute(sql.drop_used_drafts, used)

@@ -3,9 +3,18 @@ resumes. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
 from core.errors import PlatformRetryable
 from core.model import Author, Inbound, ThreadRef
+from core.store import NewMessage, Store
 from tests.bridgekit import RecordingChannel, make_config, start_bridge, stop_bridge
+from tests.pg import PostgresServer
 
 
 def said(thread: ThreadRef, text: str, event: str) -> Inbound:
@@ -48,3 +57,64 @@ async def test_a_split_reply_resumes_after_the_parts_posted(store_url: str) -> N
     await channel.wait_for(1)
     assert channel.posts[0].posted == ("p-1", "p-2")  # the retry knows what went out
     await stop_bridge(bridge)
+
+
+
+async def _lock_waits(watcher: AsyncConnection) -> int:
+    """How many sessions wait for a lock now."""
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    return (await watcher.execute(query)).scalar_one()
+
+
+async def _until(ready: Callable[[], Awaitable[bool]]) -> None:
+    async with asyncio.timeout(10):
+        while not await ready():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_reply_queued_while_the_one_before_is_closed_is_handed_on(
+    postgres: PostgresServer,
+) -> None:
+    """PostgreSQL: a turn that queues its reply behind one still being posted, and the post
+    closing that one, may run at once; one of them must take the new reply, or it waits for
+    the outbox loop's poll. The turn is held at its last statement, after it queued the
+    reply, by a lock on its conversation's row, while the post closes."""
+    store = Store(postgres.database())
+    await store.migrate()
+    thread = ThreadRef("web", "-", "-", "a")
+    first = await store.add_inbound(said(thread, "one", "e1"), lease_s=60)
+    assert first.claim is not None
+    conversation = await store.open_conversation(thread, "demo", {}, "u1")
+    answer = [NewMessage(role="agent", content="answer 1", post=True)]
+    [posting] = (await store.finish_turn(first.claim, conversation, answer, lease_s=60)).posts
+    second = await store.add_inbound(said(thread, "two", "e2"), lease_s=60)
+    assert second.claim is not None
+
+    engine = create_async_engine(make_url(store.url).set(drivername="postgresql+asyncpg"))
+    try:
+        async with engine.connect() as holder, engine.connect() as watcher:
+            watcher = await watcher.execution_options(isolation_level="AUTOCOMMIT")
+            hold = "SELECT id FROM conversations WHERE id = :id FOR NO KEY UPDATE"
+            await holder.execute(sa.text(hold), {"id": conversation.id})
+            answer = [NewMessage(role="agent", content="answer 2", post=True)]
+            turn = asyncio.create_task(
+                store.finish_turn(second.claim, conversation, answer, lease_s=60)
+            )
+            await _until(lambda: _at_least(watcher, 1))
+            close = asyncio.create_task(store.finish_outbox(posting, sent=True, lease_s=60))
+
+            async def closed_or_waiting() -> bool:
+                return close.done() or await _at_least(watcher, 2)
+
+            await _until(closed_or_waiting)
+            await holder.rollback()
+            handoff, taken = await turn, await close
+    finally:
+        await engine.dispose()
+        await store.close()
+    handed = [c.payload["text"] for c in handoff.posts] + ([taken.payload["text"]] if taken else [])
+    assert handed == ["answer 2"]
+
+
+async def _at_least(watcher: AsyncConnection, n: int) -> bool:
+    return await _lock_waits(watcher) >= n
