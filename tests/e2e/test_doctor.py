@@ -219,6 +219,7 @@ def test_all_green_exits_0_and_runs_no_agent(
     asyncio.run(_migrate(db, route_to="helper"))
     text = config(db, agent_tables(urls), slack=slack, telegram=telegram, discord=discord)
     code, rows, _ = doctor(tmp_path, text)
+    assert {name: row for name, row in rows.items() if row["status"] != "ok"} == {}
     assert code == 0, rows
     agents = ["demo", "pensions", "runs", "coach", "helper", "payments", "gpt"]
     assert statuses(rows) == {

@@ -59,7 +59,6 @@ async def test_a_split_reply_resumes_after_the_parts_posted(store_url: str) -> N
     await stop_bridge(bridge)
 
 
-
 async def _lock_waits(watcher: AsyncConnection) -> int:
     """How many sessions wait for a lock now."""
     query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
@@ -67,9 +66,11 @@ async def _lock_waits(watcher: AsyncConnection) -> int:
 
 
 async def _until(ready: Callable[[], Awaitable[bool]]) -> None:
-    async with asyncio.timeout(10):
-        while not await ready():
-            await asyncio.sleep(0.01)
+    for _ in range(1000):
+        if await ready():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("not ready in 10 s")
 
 
 async def test_a_reply_queued_while_the_one_before_is_closed_is_handed_on(
