@@ -155,12 +155,17 @@ class InlineWriter:
             self._conn.close()
         self.engine.dispose()
 
-    def _commit(self) -> None:
-        batch, self._batch = self._batch, []
+    def connection(self) -> Connection:
+        """The writer's connection, kept open; between the loop's callbacks it is in no
+        transaction (a batch commits in the callback that runs it)."""
         if self._conn is None:
             self._conn = self.engine.connect()
+        return self._conn
+
+    def _commit(self) -> None:
+        batch, self._batch = self._batch, []
         try:
-            outcomes = _outcomes(self._conn, batch, wait=False)
+            outcomes = _outcomes(self.connection(), batch, wait=False)
         except _Busy:
             for job, future in batch:
                 self._fallback.hand(job, future)
@@ -171,29 +176,56 @@ class InlineWriter:
 
 class InlineReader:
     """Runs quick reads (a few rows by index) on the event loop's own thread (see
-    InlineWriter): a read on a WAL database never waits for a writer. One connection, kept
-    open; a hot statement runs without a transaction of its own (it sees one moment anyway),
-    and whatever else a job runs is rolled back after it."""
+    InlineWriter), on the InlineWriter's own sqlite3 connection.
 
-    def __init__(self, url: sa.URL, *, echo: bool, hot: frozenset[int]) -> None:
-        self.engine = sa.create_engine(url, echo=echo, poolclass=sa.pool.StaticPool)
-        configure(self.engine, immediate=False, busy_ms=1000)
+    SQLite drops a connection's page cache whenever another connection has committed since
+    its last read, so a reader of its own would read its pages again after every write; the
+    writer's cache holds what it wrote. Both run on the loop's thread, between its callbacks,
+    so a read never sees a batch half done. A hot statement runs without a transaction of its
+    own (it sees one moment anyway); whatever else a job runs is rolled back after it. The
+    connection never waits on a lock: a read that meets one (rare with WAL) goes to `fallback`.
+    """
+
+    def __init__(
+        self,
+        url: sa.URL,
+        writer: InlineWriter,
+        fallback: ReaderPool,
+        *,
+        echo: bool,
+        hot: frozenset[int],
+    ) -> None:
+        self.engine = sa.create_engine(
+            url,
+            echo=echo,
+            poolclass=sa.pool.StaticPool,
+            pool_reset_on_return=None,  # a read leaves no transaction open (see `run`)
+            creator=lambda: writer.connection().connection.driver_connection,
+        )
+        # The writer's settings, which this engine's connect event sets again: no waiting, and
+        # no checkpoints (the Checkpointer's); a read transaction is a plain BEGIN.
+        configure(self.engine, immediate=False, busy_ms=0, checkpoints=False)
         use_hot_path(self.engine, hot, begin=False)
+        self._fallback = fallback
         self._conn: Connection | None = None
 
-    def run(self, job: Callable[[Connection], T]) -> T:
+    async def run(self, job: Callable[[Connection], T]) -> T:
         if self._conn is None:
             self._conn = self.engine.connect()
         try:
             return job(self._conn)
+        except sa.exc.OperationalError as exc:
+            if not _busy(exc):
+                raise
         finally:
             if self._conn.in_transaction():
                 self._conn.rollback()
+        return await self._fallback.run(job)
 
     def close(self) -> None:
+        """Let go of the connection; the InlineWriter, whose it is, closes it."""
         if self._conn is not None:
             self._conn.close()
-        self.engine.dispose()
 
 
 class Checkpointer:
@@ -276,10 +308,15 @@ def _begin(conn: Connection, wait: bool) -> Any:
     try:
         return conn.begin()
     except sa.exc.OperationalError as exc:
-        code = getattr(exc.orig, "sqlite_errorcode", None)
-        if not wait and code is not None and code & 0xFF == sqlite3.SQLITE_BUSY:
+        if not wait and _busy(exc):
             raise _Busy from exc
         raise
+
+
+def _busy(exc: sa.exc.OperationalError) -> bool:
+    """Whether SQLite said another connection holds a lock (SQLITE_BUSY and its kinds)."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
 
 
 class ReaderPool:

@@ -183,7 +183,9 @@ class Store:
                 self._quick_writer = sqlite.InlineWriter(
                     sync_url, self._writer, echo=echo, hot=sql.HOT
                 )
-                self._quick_reader = sqlite.InlineReader(sync_url, echo=echo, hot=sql.HOT)
+                self._quick_reader = sqlite.InlineReader(
+                    sync_url, self._quick_writer, self._readers, echo=echo, hot=sql.HOT
+                )
                 self._checkpointer = sqlite.Checkpointer(database)
         else:
             if parsed.get_backend_name() == "postgresql":  # "postgresql://…" means asyncpg here
@@ -201,8 +203,8 @@ class Store:
 
     async def close(self) -> None:
         if self._quick_writer is not None and self._quick_reader is not None:
-            self._quick_writer.close()
             self._quick_reader.close()
+            self._quick_writer.close()
         if self._writer is not None:
             await self._writer.close()
             self._readers.close()
@@ -243,7 +245,7 @@ class Store:
         rows by index) runs on the event loop's thread on a SQLite file.
         """
         if quick and self._quick_reader is not None:
-            return self._quick_reader.run(job)
+            return await self._quick_reader.run(job)
         if self._writer is not None:
             return await self._readers.run(job)
         assert self._engine is not None

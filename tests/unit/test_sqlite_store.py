@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -108,4 +109,28 @@ async def test_the_wal_is_copied_into_the_database_off_the_loop(tmp_path: Path) 
         if path.stat().st_size > before:
             break
     assert path.stat().st_size > before
+    await store.close()
+
+
+async def test_a_quick_read_that_meets_a_lock_goes_to_the_reader_threads(tmp_path: Path) -> None:
+    """Quick reads run on the loop's thread, on the quick writer's connection, which never
+    waits on a lock: a read that meets one (SQLITE_BUSY) runs again on a reader thread,
+    which may wait."""
+    store = Store(f"sqlite:///{tmp_path}/tb.db")
+    await store.migrate()
+    await turn(store, 1)
+    ran_on: list[str] = []
+
+    def count(conn: sa.Connection) -> int:
+        ran_on.append(threading.current_thread().name)
+        if len(ran_on) == 1:
+            locked = sqlite3.OperationalError("database is locked")
+            locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
+            raise sa.exc.OperationalError("SELECT count(*) FROM messages", (), locked)
+        return int(conn.execute(sa.text("SELECT count(*) FROM messages")).scalar_one())
+
+    assert await store.read(count, quick=True) == 2
+    assert ran_on[0] == threading.current_thread().name
+    assert ran_on[1].startswith("sqlite-reader")
+    assert await store.read(lambda conn: len(ran_on), quick=True) == 2  # the loop's again
     await store.close()
