@@ -9,7 +9,9 @@ The load generator here is open loop: signed `app_mention` events, each in a new
 a fixed rate whatever the answers. An event is answered when the fake receives the agent's text
 for it (threadbridge edits its placeholder with `chat.update`; the bare bot posts with
 `chat.postMessage`, `thread_ts` set). A run keeps up when every event is answered within
-`GRACE_S` of the end of the send window. Added latency = event POST → answer at the fake, minus
+`GRACE_S` of the end of the send window and 99% within `MARGIN_MS` of the agent's latency (the
+margin benchmark 3 allows): a system whose answers wait seconds has fallen behind, even when it
+clears its backlog once the load stops. Added latency = event POST → answer at the fake, minus
 the agent's 50 ms.
 """
 
@@ -38,10 +40,14 @@ from tests.fakes.slack import BOT_TOKEN
 
 AGENT_LATENCY_S = 0.05
 RATES = [
-    int(r) for r in os.environ.get("BENCH_SLACK_RATES", "50,75,100,150,200,300,400").split(",")
+    int(r)
+    for r in os.environ.get(
+        "BENCH_SLACK_RATES", "50,100,150,200,250,300,350,400,450,500,600,700"
+    ).split(",")
 ]
 SECONDS = float(os.environ.get("BENCH_SLACK_SECONDS", "8"))
 GRACE_S = 2.0  # answered this long after the send window, or the backlog is growing
+MARGIN_MS = 500.0  # and 99% of events answered within the agent's latency and this
 LATENCY_RATES = (100, 200)
 BENCH_1 = "1 vs bare bot"
 BENCH_2 = "2 added latency"
@@ -92,6 +98,10 @@ async def run_both(tmp_path: Path) -> tuple[Results, float]:
                         continue
                     result = await load_run(url, fake.url, run, rate, SECONDS, GRACE_S)
                     run += 1
+                    lat = result["latencies"]
+                    bound = AGENT_LATENCY_S * 1000 + MARGIN_MS
+                    within = bool(lat) and percentile(lat, 99) <= bound
+                    result["kept_up"] = result["kept_up"] and within
                     results[name][rate] = result
                     alive[name] = alive[name] and result["kept_up"]
                 if not any(alive.values()) and rate >= max(LATENCY_RATES):
@@ -114,7 +124,8 @@ def print_runs(results: Results) -> None:
     print(
         "\nSlack: bare slack-bolt bot vs threadbridge serve (SQLite), "
         f"agent {AGENT_LATENCY_S * 1000:.0f} ms, "
-        f"open loop, {SECONDS:.0f} s a rate, answered within {GRACE_S:.0f} s of the window"
+        f"open loop, {SECONDS:.0f} s a rate, answered within {GRACE_S:.0f} s of the window "
+        f"and 99% within {AGENT_LATENCY_S * 1000 + MARGIN_MS:.0f} ms"
     )
     print(
         f"  {'rate/s':>6} | {'bare answered':>12} {'p50 ms':>7} {'p99 ms':>7} | "
