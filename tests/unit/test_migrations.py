@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
+from core.migrate import alembic_config, head_revision
 from core.store import Store
 from core.tables import metadata, outside_models
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_migrations_match_the_models(store_url: str) -> None:
@@ -37,3 +45,29 @@ async def test_a_plain_postgresql_url_uses_asyncpg(postgres: object) -> None:
     await store.migrate()
     assert await store.counts() == {}
     await store.close()
+
+
+def test_the_head_read_from_the_files_is_alembics() -> None:
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def test_a_store_at_the_newest_migration_starts_without_alembic(tmp_path: Path) -> None:
+    """Every start migrates; a store already at the head is told so by one query, and
+    Alembic (with Mako and Pygments, a fifth of start-up's imports) is not imported."""
+    url = f"sqlite:///{tmp_path}/tb.db"
+    start = (
+        "import asyncio, sys\n"
+        "from core.store import Store\n"
+        f"store = Store({url!r})\n"
+        "asyncio.run(store.migrate())\n"
+        "asyncio.run(store.close())\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'mako'}))\n"
+    )
+    said = []
+    for _ in range(2):  # the first start makes the store, the second finds it at the head
+        ran = subprocess.run(
+            [sys.executable, "-c", start], capture_output=True, text=True, cwd=ROOT, timeout=60
+        )
+        assert ran.returncode == 0, ran.stderr
+        said.append(ran.stdout.strip())
+    assert said == ["['alembic', 'mako']", "[]"]
