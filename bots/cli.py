@@ -142,6 +142,7 @@ def serve(
             port=cfg.server.port if port is None else port,
             log_level=log_level.lower(),
             lifespan="on",
+            ws="none",  # no WebSocket routes: nor the import of a WebSocket library
             timeout_graceful_shutdown=15,
             # With JSON logs, uvicorn's own go through our handler too.
             log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,

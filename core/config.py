@@ -8,8 +8,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import httpx
-import jsonschema
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from core import agents
@@ -274,6 +272,8 @@ def _tool_config(file: str, tool_name: str, table: dict[str, Any]) -> ToolConfig
 
 
 def _check_tool_url(file: str, key: str, url: str) -> None:
+    import httpx  # here: a config without tools never needs it (start-up)
+
     try:
         scheme = httpx.URL(url).scheme
     except httpx.InvalidURL:
@@ -297,6 +297,8 @@ def _check_tool_target(file: str, key: str, target: str) -> None:
 
 
 def _check_tool_schema(file: str, key: str, schema: dict[str, Any]) -> None:
+    import jsonschema  # here: a config without tools never needs it (start-up)
+
     try:
         schema_validator(schema)
     except jsonschema.SchemaError as exc:

@@ -27,15 +27,15 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
+if TYPE_CHECKING:  # imported by PostgresLeadership: a SQLite store never needs it (start-up)
+    import asyncpg
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 5.0  # a leader whose lock connection does not answer within this has lost it
 CONNECT_TIMEOUT_S = 10.0
-_CONNECT_OPTIONS = set(inspect.signature(asyncpg.connect).parameters) - {"dsn", "loop"}
 
 
 class LeadershipLost(Exception):
@@ -85,8 +85,11 @@ class PostgresLeadership(Leadership):
 
     def __init__(self, role: str, connect_options: Mapping[str, Any]) -> None:
         super().__init__(role)
+        import asyncpg
+
         self.key = advisory_key(role)
-        self._options = {k: v for k, v in connect_options.items() if k in _CONNECT_OPTIONS}
+        known = set(inspect.signature(asyncpg.connect).parameters) - {"dsn", "loop"}
+        self._options = {k: v for k, v in connect_options.items() if k in known}
         self._conn: asyncpg.Connection | None = None
 
     async def acquire(self) -> bool:
@@ -125,6 +128,8 @@ class PostgresLeadership(Leadership):
     async def _connection(self) -> asyncpg.Connection:
         """The connection that holds (or keeps trying for) the lock, opened when missing."""
         if self._conn is None or self._conn.is_closed():
+            import asyncpg
+
             conn = await asyncpg.connect(**self._options, timeout=CONNECT_TIMEOUT_S)
             conn.add_termination_listener(self._terminated)
             self._conn = conn

@@ -20,14 +20,15 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
-import jsonschema
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.model import ToolCall, ToolSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: a config without tools never needs them (start-up)
+    import httpx
+    import jsonschema
+
     from core.config import Config
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def load_target(target: str) -> Callable[..., Any]:
 def schema_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
     """A validator for a tool's argument schema; raises jsonschema.SchemaError if it is not
     a valid JSON Schema (of the draft its `$schema` names, 2020-12 when it names none)."""
+    import jsonschema
+
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     cls.check_schema(schema)
     validator: jsonschema.protocols.Validator = cls(schema)
@@ -153,7 +156,7 @@ class ConfiguredTools:
                 result = await self._call(call.name, tool, arguments)
         except ToolFailed as exc:
             return error_result(str(exc), exc.details)
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             log.warning("tool %s (agent %s) timed out after %gs", call.name, agent, tool.timeout_s)
             return error_result(f"tool {call.name!r} did not answer within {tool.timeout_s:g}s")
         except Exception as exc:
@@ -200,6 +203,8 @@ class ConfiguredTools:
         return await self._python(name, tool.python, arguments)
 
     async def _post(self, name: str, tool: ToolConfig, url: str, arguments: Any) -> str:
+        import httpx
+
         headers: dict[str, str] = {}
         if tool.auth_env:
             secret = os.environ.get(tool.auth_env)
@@ -218,7 +223,7 @@ class ConfiguredTools:
                 url, json=arguments, headers=headers, timeout=tool.timeout_s
             )
         except httpx.TimeoutException:
-            raise  # reported as a timeout, like the deadline around every call
+            raise TimeoutError from None  # reported as the deadline around every call is
         except httpx.HTTPError as exc:
             # Not the message: it names the URL, which may carry a token.
             raise ToolFailed(f"tool {name!r} could not be reached: {type(exc).__name__}") from None

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from bots.admin import forms
 from bots.admin.actions import Admin, AdminError
@@ -69,7 +68,14 @@ def platform_link(source: str, data: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+if TYPE_CHECKING:
+    from jinja2 import Environment
+
+
 def _environment() -> Environment:
+    """The pages' templates; Jinja is imported with the first page shown, not at start-up."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
     env = Environment(
         loader=PackageLoader("bots.admin", "templates"),
         autoescape=True,
@@ -87,14 +93,18 @@ def admin_pages(app: App) -> APIRouter:
     """The /admin pages of `app`, to mount in its ASGI app."""
     router = APIRouter(prefix="/admin", include_in_schema=False)
     auth = AdminAuth(app.config.admin_token(), app.config.admin.token_env)
-    env = _environment()
+    envs: list[Environment] = []  # made on the first page shown
     css = resources.files("bots.admin").joinpath("templates/admin.css").read_text("utf-8")
 
     def render(
         request: Request, session: Session | None, name: str, status: int = 200, **context: Any
     ) -> HTMLResponse:
-        html = env.get_template(name).render(
-            session=session, path=request.url.path, token_env=auth.token_env, **context
+        if not envs:
+            envs.append(_environment())
+        html = (
+            envs[0]
+            .get_template(name)
+            .render(session=session, path=request.url.path, token_env=auth.token_env, **context)
         )
         return HTMLResponse(html, status_code=status, headers=HEADERS)
 

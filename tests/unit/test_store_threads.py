@@ -60,8 +60,12 @@ async def test_a_split_reply_resumes_after_the_parts_posted(store_url: str) -> N
 
 
 async def _lock_waits(watcher: AsyncConnection) -> int:
-    """How many sessions wait for a lock now."""
-    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    """How many sessions of this test's database wait for a lock now (other tests share the
+    cluster)."""
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
     return (await watcher.execute(query)).scalar_one()
 
 
