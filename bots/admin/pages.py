@@ -6,6 +6,7 @@ drawn as inline SVG on the server. See bots/admin/session.py for who gets in.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from importlib import resources
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from jinja2 import Environment
 
 
+@functools.cache
 def _environment() -> Environment:
     """The pages' templates; Jinja is imported with the first page shown, not at start-up."""
     from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -93,16 +95,13 @@ def admin_pages(app: App) -> APIRouter:
     """The /admin pages of `app`, to mount in its ASGI app."""
     router = APIRouter(prefix="/admin", include_in_schema=False)
     auth = AdminAuth(app.config.admin_token(), app.config.admin.token_env)
-    envs: list[Environment] = []  # made on the first page shown
     css = resources.files("bots.admin").joinpath("templates/admin.css").read_text("utf-8")
 
     def render(
         request: Request, session: Session | None, name: str, status: int = 200, **context: Any
     ) -> HTMLResponse:
-        if not envs:
-            envs.append(_environment())
         html = (
-            envs[0]
+            _environment()
             .get_template(name)
             .render(session=session, path=request.url.path, token_env=auth.token_env, **context)
         )
