@@ -4,7 +4,6 @@ resumes. On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -13,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from core.errors import PlatformRetryable
 from core.model import Author, Inbound, ThreadRef
 from core.store import NewMessage, Store
-from tests.bridgekit import RecordingChannel, make_config, start_bridge, stop_bridge
+from tests.bridgekit import RecordingChannel, eventually, make_config, start_bridge, stop_bridge
 from tests.pg import PostgresServer
 
 
@@ -59,22 +58,14 @@ async def test_a_split_reply_resumes_after_the_parts_posted(store_url: str) -> N
     await stop_bridge(bridge)
 
 
-async def _lock_waits(watcher: AsyncConnection) -> int:
-    """How many sessions of this test's database wait for a lock now (other tests share the
-    cluster)."""
+async def _waiting(watcher: AsyncConnection, n: int) -> bool:
+    """Whether `n` sessions of this test's database wait for a lock now (other tests share
+    the cluster)."""
     query = sa.text(
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE wait_event_type = 'Lock' AND datname = current_database()"
     )
-    return (await watcher.execute(query)).scalar_one()
-
-
-async def _until(ready: Callable[[], Awaitable[bool]]) -> None:
-    for _ in range(1000):
-        if await ready():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError("not ready in 10 s")
+    return bool((await watcher.execute(query)).scalar_one() >= n)
 
 
 async def test_a_reply_queued_while_the_one_before_is_closed_is_handed_on(
@@ -105,13 +96,9 @@ async def test_a_reply_queued_while_the_one_before_is_closed_is_handed_on(
             turn = asyncio.create_task(
                 store.finish_turn(second.claim, conversation, answer, lease_s=60)
             )
-            await _until(lambda: _at_least(watcher, 1))
+            await eventually(lambda: _waiting(watcher, 1))
             close = asyncio.create_task(store.finish_outbox(posting, sent=True, lease_s=60))
-
-            async def closed_or_waiting() -> bool:
-                return close.done() or await _at_least(watcher, 2)
-
-            await _until(closed_or_waiting)
+            await eventually(lambda: close.done() or _waiting(watcher, 2))
             await holder.rollback()
             handoff, taken = await turn, await close
     finally:
@@ -119,7 +106,3 @@ async def test_a_reply_queued_while_the_one_before_is_closed_is_handed_on(
         await store.close()
     handed = [c.payload["text"] for c in handoff.posts] + ([taken.payload["text"]] if taken else [])
     assert handed == ["answer 2"]
-
-
-async def _at_least(watcher: AsyncConnection, n: int) -> bool:
-    return await _lock_waits(watcher) >= n
