@@ -797,10 +797,10 @@ class Store:
 
     async def search(self, f: SearchFilters) -> tuple[list[Conversation], int]:
         """Conversations matching every filter given, a page of them and the total."""
-        where = searching.conditions(f, self.dialect)
         if not self.is_sqlite and searching.text_only(f):
             page, count = search_pg.page(f), search_pg.count(f)
         else:
+            where = searching.conditions(f, self.dialect)
             page = searching.page(f, where)
             count = sa.select(sa.func.count()).select_from(conversations).where(*where)
 
