@@ -441,7 +441,7 @@ class Bridge:
             if service.stateful and not conversation.remote_id:
                 conversation.remote_id = await service.open(conversation)
                 if conversation.remote_id:
-                    await self.store.set_remote(conversation.id, remote_id=conversation.remote_id)
+                    await self.store.save_remote(conversation)
             produced = await self._converse(service, conversation, inbound, fresh=fresh)
             admission.answered()
             return produced
@@ -466,8 +466,9 @@ class Bridge:
         if existing is not None:
             return existing, False
         decision = await self.router.agent_for(inbound.thread)
+        # Written with the turn's first write (its finish, mostly): one commit less.
         conversation = await self.store.open_conversation(
-            inbound.thread, decision.agent, inbound.data, inbound.author.id or None
+            inbound.thread, decision.agent, inbound.data, inbound.author.id or None, with_turn=True
         )
         if decision.route is not None:
             conversation.situation = decision.route.situation

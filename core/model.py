@@ -149,3 +149,8 @@ class Conversation:
     situation: str | None = None
     created: datetime | None = None
     updated: datetime | None = None
+    # The rows still to write (conversation, thread link) of one opened `with_turn`: the first
+    # store write that refers to it writes them first, in its transaction (core/store.py).
+    unsaved: tuple[dict[str, Any], dict[str, Any]] | None = field(
+        default=None, repr=False, compare=False
+    )

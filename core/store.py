@@ -434,7 +434,7 @@ class Store:
                 _queue_reply(conn, thread, reply, conversation.id, _new_id(result))
             return told
 
-        return await self.write(job, quick=True)
+        return await self._write_for(conversation, job)
 
     async def retry_outbox_later(
         self, claim: Claim, delay_s: float, error: str, payload: dict[str, Any] | None = None
@@ -511,9 +511,21 @@ class Store:
         return row_to_conversation(row) if row else None
 
     async def open_conversation(
-        self, thread: ThreadRef, agent: str, data: dict[str, Any], user_id: str | None
+        self,
+        thread: ThreadRef,
+        agent: str,
+        data: dict[str, Any],
+        user_id: str | None,
+        *,
+        with_turn: bool = False,
     ) -> Conversation:
-        """Create a conversation and link the thread to it (or return the one linked already)."""
+        """Create a conversation and link the thread to it (or return the one linked already).
+
+        `with_turn` writes nothing now: the first write that refers to the conversation (the
+        turn's finish, `keep_inbound`, `save_remote`) writes it first, in its own transaction.
+        A new thread's turn then commits once less, and a turn that ends without a write
+        leaves no empty conversation behind.
+        """
         now = utcnow()
         created = Conversation(
             id=str(uuid.uuid4()),
@@ -525,7 +537,6 @@ class Store:
             created=now,
             updated=now,
         )
-
         row = {
             "id": created.id,
             "thread_key": thread.key,
@@ -540,12 +551,23 @@ class Store:
             "updated": now,
         }
         link = {"thread_key": thread.key, "conversation_id": created.id, "created": now}
+        params = {"thread_key": thread.key}
 
-        def job(conn: Connection) -> None:
-            previous = conn.execute(sql.latest_of_thread, {"thread_key": thread.key}).first()
+        def previous_of(conn: Connection) -> Any:
+            return conn.execute(sql.latest_of_thread, params).first()
+
+        def moved(previous: Any) -> None:
             if previous is not None and (previous.data or {}).get("moved_to_agent") is not None:
                 # The thread was moved to another agent: its new conversation names the old one.
                 row["data"] = created.data = {**data, "previous_conversation_id": previous.id}
+
+        if with_turn:
+            moved(await self.read(previous_of, quick=True))
+            created.unsaved = (row, link)
+            return created
+
+        def job(conn: Connection) -> None:
+            moved(previous_of(conn))
             conn.execute(sql.insert_conversation, row)
             conn.execute(sql.insert_link, link)
 
@@ -557,6 +579,37 @@ class Store:
                 raise
             return existing
         return created
+
+    async def _write_for(self, conversation: Conversation, job: Callable[[Connection], T]) -> T:
+        """Run the quick write `job`, which refers to `conversation`; first, in the same
+        transaction, write the conversation if it was opened `with_turn` and is not written yet.
+
+        Should its thread have been linked to another conversation meanwhile (the link's key
+        is taken), `conversation` becomes that one, as `open_conversation` would have
+        returned it, and `job` runs again.
+        """
+        unsaved = conversation.unsaved
+        if unsaved is None:
+            return await self.write(job, quick=True)
+        row, link = unsaved
+
+        def with_conversation(conn: Connection) -> T:
+            conn.execute(sql.insert_conversation, row)
+            conn.execute(sql.insert_link, link)
+            return job(conn)
+
+        try:
+            result = await self.write(with_conversation, quick=True)
+        except IntegrityError:
+            existing = await self.conversation_for_thread(conversation.thread_key)
+            if existing is None or existing.id == conversation.id:
+                raise
+            for name in ("id", "agent", "data", "remote_id", "state", "status", "created"):
+                setattr(conversation, name, getattr(existing, name))
+            conversation.unsaved = None
+            return await self.write(job, quick=True)
+        conversation.unsaved = None
+        return result
 
     async def set_remote(
         self,
@@ -574,6 +627,22 @@ class Store:
             conversations.update().where(conversations.c.id == conversation_id).values(**values)
         )
         await self.write(lambda conn: conn.execute(statement), quick=True)
+
+    async def save_remote(self, conversation: Conversation) -> None:
+        """Write the conversation's remote session id now (and the conversation, if it is not
+        written yet): an agent call that follows may fail or be cut short by a crash, and the
+        session it opened must not be lost."""
+        remote_id, state = conversation.remote_id, conversation.state
+        values: dict[str, Any] = {"updated": utcnow(), "remote_id": remote_id}
+        if state is not None:
+            values["state"] = state
+
+        def job(conn: Connection) -> None:
+            statement = conversations.update().where(conversations.c.id == conversation.id)
+            conn.execute(statement.values(**values))
+
+        await self._write_for(conversation, job)
+        conversation.remote_id, conversation.state = remote_id, state
 
     async def end_thread(self, thread_key: str) -> str | None:
         """Unlink the thread (`/new`); its next message opens a new conversation."""
@@ -625,6 +694,12 @@ class Store:
         so is the thread's next message waiting for its turn; their claims are returned.
         """
         thread = ThreadRef.parse(conversation.thread_key)
+        status = "failed" if failed else "open"
+        if conversation.unsaved is not None:  # written first by `_write_for`, as it ends
+            row = conversation.unsaved[0]
+            row.update(status=status, updated=utcnow())
+            row["remote_id"] = remote_id or row.get("remote_id")
+            row["state"] = row.get("state") if state is None else state
 
         def job(conn: Connection) -> Handoff:
             _lock_thread(conn, conversation.thread_key)  # first: it queues the replies
@@ -671,19 +746,20 @@ class Store:
                         conn, thread, payload, conversation.id, _new_id(result), claim_now
                     )
                     taken += [queued] if queued else []
-            conn.execute(
-                sql.finish_conversation,
-                {
-                    "b_id": conversation.id,
-                    "b_status": "failed" if failed else "open",
-                    "b_remote_id": remote_id,
-                    "b_state": state,
-                    "b_now": now,
-                },
-            )
+            if conversation.unsaved is None:  # (else written just now, as it ends: below)
+                conn.execute(
+                    sql.finish_conversation,
+                    {
+                        "b_id": conversation.id,
+                        "b_status": status,
+                        "b_remote_id": remote_id,
+                        "b_state": state,
+                        "b_now": now,
+                    },
+                )
             return Handoff(taken, _take_next(conn, "inbox", claim.thread_key, lease_s))
 
-        return await self.write(job, quick=True)
+        return await self._write_for(conversation, job)
 
     async def history(self, conversation_id: str, limit: int | None = None) -> list[Any]:
         """The conversation's stored messages, oldest first (the newest `limit` of them)."""

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from core.errors import PlatformRetryable
 from core.model import Author, Inbound, ThreadRef
-from core.store import NewMessage, Store
+from core.store import Claim, NewMessage, Store
 from tests.bridgekit import RecordingChannel, eventually, make_config, start_bridge, stop_bridge
 from tests.pg import PostgresServer
 
@@ -106,3 +106,76 @@ async def test_a_reply_queued_while_the_one_before_is_closed_is_handed_on(
         await store.close()
     handed = [c.payload["text"] for c in handoff.posts] + ([taken.payload["text"]] if taken else [])
     assert handed == ["answer 2"]
+
+
+async def _turn(store: Store, thread: ThreadRef, text: str, event: str) -> tuple[Inbound, Claim]:
+    inbound = said(thread, text, event)
+    intake = await store.add_inbound(inbound, lease_s=60)
+    assert intake.claim is not None
+    return inbound, intake.claim
+
+
+async def test_a_conversation_opened_with_its_turn_is_written_by_the_turn(store_url: str) -> None:
+    """`with_turn`: nothing is written until the turn's finish, which writes the conversation,
+    linked to its thread, in the transaction that stores the turn."""
+    store = Store(store_url)
+    await store.migrate()
+    thread = ThreadRef("web", "-", "-", "a")
+    inbound, claim = await _turn(store, thread, "hello", "e1")
+    conversation = await store.open_conversation(thread, "demo", {"k": 1}, "u1", with_turn=True)
+    assert await store.conversation_for_thread(thread.key) is None  # a turn may yet end unwritten
+
+    answer = NewMessage(role="agent", content="hi", post=True)
+    await store.finish_turn(
+        claim, conversation, [NewMessage.of_user(inbound, None), answer], remote_id="r-1"
+    )
+    stored = await store.conversation_for_thread(thread.key)
+    assert stored is not None and stored.id == conversation.id
+    assert (stored.agent, stored.data, stored.remote_id, stored.status) == (
+        "demo",
+        {"k": 1},
+        "r-1",
+        "open",
+    )
+    assert [m.content for m in await store.history(conversation.id)] == ["hello", "hi"]
+    assert conversation.unsaved is None
+    await store.close()
+
+
+async def test_a_turn_whose_thread_was_linked_meanwhile_joins_that_conversation(
+    store_url: str,
+) -> None:
+    """Another conversation took the thread between the turn's start and its finish: the turn
+    is stored in that one, as `open_conversation` would have returned it."""
+    store = Store(store_url)
+    await store.migrate()
+    thread = ThreadRef("web", "-", "-", "a")
+    inbound, claim = await _turn(store, thread, "hello", "e1")
+    conversation = await store.open_conversation(thread, "demo", {}, "u1", with_turn=True)
+    other = await store.open_conversation(thread, "demo", {"first": True}, "u1")
+
+    await store.finish_turn(claim, conversation, [NewMessage.of_user(inbound, None)])
+    assert conversation.id == other.id
+    assert conversation.data == {"first": True}
+    assert [m.content for m in await store.history(other.id)] == ["hello"]
+    assert [c.id for c in await store.thread_conversations(thread.key)] == [other.id]
+    await store.close()
+
+
+async def test_a_remote_session_is_written_before_the_agent_is_asked(store_url: str) -> None:
+    """A stateful service's session id is written as soon as it is opened, with the
+    conversation it belongs to; the turn's finish then writes into that conversation."""
+    store = Store(store_url)
+    await store.migrate()
+    thread = ThreadRef("web", "-", "-", "a")
+    inbound, claim = await _turn(store, thread, "hello", "e1")
+    conversation = await store.open_conversation(thread, "demo", {}, "u1", with_turn=True)
+    conversation.remote_id = "session-1"
+    await store.save_remote(conversation)
+    stored = await store.conversation_for_thread(thread.key)
+    assert stored is not None and (stored.id, stored.remote_id) == (conversation.id, "session-1")
+
+    await store.finish_turn(claim, conversation, [NewMessage.of_user(inbound, None)])
+    assert [m.content for m in await store.history(conversation.id)] == ["hello"]
+    assert len(await store.thread_conversations(thread.key)) == 1
+    await store.close()
