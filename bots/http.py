@@ -119,7 +119,7 @@ def create_app(app: App) -> ASGIApp:
             except (DBAPIError, OSError) as exc:
                 return store_unavailable(request, exc)
 
-        hooks[WEBHOOK_PATHS[0]] = slack_events
+        hooks["/slack/events"] = slack_events
 
     if app.telegram is not None and app.telegram.config.mode == "webhook":
         telegram = app.telegram
@@ -131,23 +131,9 @@ def create_app(app: App) -> ASGIApp:
                 return store_unavailable(request, exc)
             return Response(reason, status_code=status, media_type="text/plain")
 
-        hooks[WEBHOOK_PATHS[1]] = telegram_webhook
+        hooks["/telegram/webhook"] = telegram_webhook
 
     return BodyLimit(Webhooks(api, hooks), max_bytes=app.config.server.max_body_bytes)
-
-
-WEBHOOK_PATHS = ("/slack/events", "/telegram/webhook")
-
-
-def quiet_webhooks(record: logging.LogRecord) -> bool:
-    """uvicorn's access line, but not for a webhook it answered with 2xx (the bridge logs each
-    message it accepted; one more line per event only costs). Its args: client address,
-    method, path, HTTP version, status."""
-    args = record.args
-    if isinstance(args, tuple) and len(args) == 5 and args[2] in WEBHOOK_PATHS:
-        status = args[4]
-        return not (isinstance(status, int) and 200 <= status < 300)
-    return True
 
 
 class Webhooks:
