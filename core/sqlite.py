@@ -19,10 +19,12 @@ import threading
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
@@ -382,7 +384,7 @@ class Plan:
                 raise _Unplannable(name)
             else:
                 value = bind.value
-            self.slots.append((name, value, processors.get(name)))
+            self.slots.append((name, value, _faster(processors.get(name))))
         columns = compiled._result_columns
         self.row: Any = None
         self.results: tuple[Any, ...] = ()
@@ -405,6 +407,37 @@ class Plan:
             else:
                 values.append(process(value) if process else value)
         return text, values
+
+
+def _datetime_text(value: Any) -> Any:
+    """SQLite's DATETIME text of a datetime, as SQLAlchemy writes it, in a third of the time
+    (its processor fills a dict for the format): 14 of them go into each turn's rows."""
+    if value.__class__ is datetime:
+        return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (  # noqa: UP031 (the fastest here)
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+        )
+    return _datetime_processor(value)  # None, or a date
+
+
+_datetime_processor: Any = (
+    sa.DateTime().dialect_impl(sqlite_dialect()).bind_processor(sqlite_dialect())
+)
+
+
+def _faster(process: Any) -> Any:
+    """`process`, or a faster function that gives the same text (SQLite's DATETIME)."""
+    if process is None or process.__qualname__ != _datetime_processor.__qualname__:
+        return process
+    samples = (datetime(2026, 1, 2, 3, 4, 5, 6), datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC))
+    if all(process(v) == _datetime_text(v) for v in samples):
+        return _datetime_text
+    return process  # a storage format of its own
 
 
 class FastConnection(Connection):

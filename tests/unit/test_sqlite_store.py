@@ -4,14 +4,18 @@ thread, a write lock held by another process, and the WAL copied back off the lo
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 import threading
 import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from core import sql
+from core import sqlite as sqlite_store
 from core.model import Author, Inbound, ThreadRef
 from core.store import NewMessage, Store
 
@@ -134,3 +138,19 @@ async def test_a_quick_read_that_meets_a_lock_goes_to_the_reader_threads(tmp_pat
     assert ran_on[1].startswith("sqlite-reader")
     assert await store.read(lambda conn: len(ran_on), quick=True) == 2  # the loop's again
     await store.close()
+
+
+def test_the_hot_path_writes_a_datetime_as_sqlalchemy_does() -> None:
+    """The hot statements' DATETIME text is SQLAlchemy's to the character (rows are compared
+    and ordered as text), for naive and aware values of any year."""
+    process = sa.DateTime().dialect_impl(sqlite_dialect()).bind_processor(sqlite_dialect())
+    assert sqlite_store._faster(process) is sqlite_store._datetime_text
+    rng = random.Random(9)
+    for _ in range(20_000):
+        value = datetime(1, 1, 1) + timedelta(
+            seconds=rng.randrange(315_537_897_600), microseconds=rng.randrange(1_000_000)
+        )
+        for v in (value, value.replace(tzinfo=UTC), value.replace(microsecond=0)):
+            assert sqlite_store._datetime_text(v) == process(v)
+    assert sqlite_store._datetime_text(None) is None
+    assert sqlite_store._datetime_text(date(2026, 1, 2)) == process(date(2026, 1, 2))
