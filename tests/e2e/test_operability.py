@@ -169,6 +169,25 @@ def test_readyz_and_metrics_of_a_serving_process(tmp_path: Path, slack: FakeSlac
     assert metric(body, "process_resident_memory_bytes") is not None
 
 
+def test_the_collector_runs_once_serving(tmp_path: Path) -> None:
+    """`serve` holds the garbage collector off while it starts (core objects, made once) and
+    turns it on once it listens: collections go on under load."""
+    env = {"THREADBRIDGE_ADMIN_TOKEN": ADMIN_TOKEN}
+    serve = ServeProcess(tmp_path, config_text(f"sqlite:///{tmp_path}/tb.db"), env=env)
+    serve.start()
+    try:
+        before = metric(scrape(serve).text, "python_gc_collections_total", generation="0")
+        for n in range(10):
+            assert serve.post(f"gc{n}", "hello").status_code == 202
+        for n in range(10):
+            serve.wait_messages(f"gc{n}", 2)
+        after = metric(scrape(serve).text, "python_gc_collections_total", generation="0")
+    finally:
+        serve.stop()
+    assert before is not None and after is not None
+    assert after > before
+
+
 def test_readyz_names_a_channel_that_lost_its_connection(tmp_path: Path, slack: FakeSlack) -> None:
     with fake_discord() as discord:
         sections = slack_section(slack) + discord_section(discord)
