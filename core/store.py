@@ -746,7 +746,7 @@ class Store:
                         conn, thread, payload, conversation.id, _new_id(result), claim_now
                     )
                     taken += [queued] if queued else []
-            if conversation.unsaved is None:  # (else written just now, as it ends: below)
+            if conversation.unsaved is None:  # (else written just now with these values: above)
                 conn.execute(
                     sql.finish_conversation,
                     {
