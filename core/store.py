@@ -21,8 +21,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from core import pg_quick, search_pg, sql, sqlite
 from core import search as searching
-from core import search_pg, sql, sqlite
 from core.leader import FileLeadership, Leadership, PostgresLeadership, lock_file
 from core.model import Conversation, Inbound, ThreadRef
 from core.search import SearchFilters as SearchFilters  # where callers have imported it from
@@ -170,6 +170,7 @@ class Store:
         self._quick_reader: sqlite.InlineReader | None = None
         self._checkpointer: sqlite.Checkpointer | None = None
         self._engine: AsyncEngine | None = None
+        self._held: pg_quick.HeldReaders | None = None  # PostgreSQL's quick reads
         self._database = parsed.database or ""
         if self.is_sqlite:
             database = self._database
@@ -200,6 +201,7 @@ class Store:
                 max_overflow=20,
                 connect_args={"server_settings": {"jit": "off"}},
             )
+            self._held = pg_quick.HeldReaders(self._engine, self._pooled_read)
 
     async def close(self) -> None:
         if self._quick_writer is not None and self._quick_reader is not None:
@@ -210,6 +212,8 @@ class Store:
             self._readers.close()
         if self._checkpointer is not None:
             await self._checkpointer.close()
+        if self._held is not None:
+            await self._held.close()
         if self._engine is not None:
             await self._engine.dispose()
 
@@ -242,12 +246,18 @@ class Store:
 
         With `snapshot`, every statement of the job sees the same moment (SQLite's read
         transactions always do; PostgreSQL needs REPEATABLE READ for it). A `quick` job (a few
-        rows by index) runs on the event loop's thread on a SQLite file.
+        rows by index) runs on the event loop's thread on a SQLite file, and on a connection
+        held open for such reads on PostgreSQL (core.pg_quick).
         """
         if quick and self._quick_reader is not None:
             return await self._quick_reader.run(job)
+        if quick and not snapshot and self._held is not None:
+            return await self._held.run(job)
         if self._writer is not None:
             return await self._readers.run(job)
+        return await self._pooled_read(job, snapshot=snapshot)
+
+    async def _pooled_read(self, job: Callable[[Connection], T], *, snapshot: bool = False) -> T:
         assert self._engine is not None
         async with self._engine.connect() as conn:
             # Without a snapshot no transaction is opened: each statement still sees what was

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -27,10 +29,13 @@ async def test_a_refused_connection_is_an_outage_said_in_one_line() -> None:
     store = Store("postgresql+asyncpg://nobody@127.0.0.1:1/none")  # nothing listens on port 1
     try:
         exc = await failure(store, "SELECT 1")
+        with pytest.raises(OSError) as quick:  # a quick read: a held connection, refused
+            await store.read(lambda conn: conn.execute(sa.text("SELECT 1")).all(), quick=True)
     finally:
         await store.close()
     assert store_unavailable(exc)
     assert "\n" not in describe(exc)
+    assert store_unavailable(quick.value)
 
 
 async def test_a_dropped_connection_is_an_outage(postgres: PostgresServer) -> None:
@@ -51,6 +56,36 @@ async def test_a_dropped_connection_is_an_outage(postgres: PostgresServer) -> No
         await store.close()
     assert store_unavailable(exc)
     assert "secret_marker" not in describe(exc)  # the statement stays out of the log line
+
+
+async def test_quick_reads_answer_on_after_their_held_connections_drop(
+    postgres: PostgresServer,
+) -> None:
+    """PostgreSQL's quick reads run on connections held open (core.pg_quick): when those are
+    cut, the reads that meet them are asked again on a fresh connection, and answer."""
+    url = postgres.database()
+    store = Store(url)
+
+    async def quick(statement: str) -> list[Any]:
+        return await store.read(lambda conn: conn.execute(sa.text(statement)).all(), quick=True)
+
+    try:
+        assert await quick("SELECT 1") == [(1,)]
+        await asyncio.gather(*(quick("SELECT pg_sleep(0.01)") for _ in range(4)))  # both held
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        together = await asyncio.gather(*(quick(f"SELECT {n}") for n in range(4)))
+        then = [await quick(f"SELECT {n}") for n in range(4, 6)]
+    finally:
+        await store.close()
+    assert together == [[(n,)] for n in range(4)]
+    assert then == [[(4,)], [(5,)]]
 
 
 async def test_a_wrong_statement_or_an_agent_error_is_not_an_outage(tmp_path: Path) -> None:
