@@ -25,6 +25,18 @@ async def failure(store: Store, statement: str) -> BaseException:
     raise AssertionError(f"{statement!r} did not fail")
 
 
+async def cut_connections(url: str) -> None:
+    """End every server session of the database `url` names but this one's own."""
+    admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+
+
 async def test_a_refused_connection_is_an_outage_said_in_one_line() -> None:
     store = Store("postgresql+asyncpg://nobody@127.0.0.1:1/none")  # nothing listens on port 1
     try:
@@ -43,14 +55,7 @@ async def test_a_dropped_connection_is_an_outage(postgres: PostgresServer) -> No
     store = Store(url)
     try:
         await store.read(lambda conn: conn.execute(sa.text("SELECT 1")).all())  # pooled now
-        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
-        try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        finally:
-            await admin.close()
+        await cut_connections(url)
         exc = await failure(store, "SELECT 1 AS secret_marker")
     finally:
         await store.close()
@@ -72,14 +77,7 @@ async def test_quick_reads_answer_on_after_their_held_connections_drop(
     try:
         assert await quick("SELECT 1") == [(1,)]
         await asyncio.gather(*(quick("SELECT pg_sleep(0.01)") for _ in range(4)))  # both held
-        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
-        try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        finally:
-            await admin.close()
+        await cut_connections(url)
         together = await asyncio.gather(*(quick(f"SELECT {n}") for n in range(4)))
         then = [await quick(f"SELECT {n}") for n in range(4, 6)]
     finally:
