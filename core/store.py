@@ -562,41 +562,24 @@ class Store:
         }
         link = {"thread_key": thread.key, "conversation_id": created.id, "created": now}
         params = {"thread_key": thread.key}
-
-        def previous_of(conn: Connection) -> Any:
-            return conn.execute(sql.latest_of_thread, params).first()
-
-        def moved(previous: Any) -> None:
-            if previous is not None and (previous.data or {}).get("moved_to_agent") is not None:
-                # The thread was moved to another agent: its new conversation names the old one.
-                row["data"] = created.data = {**data, "previous_conversation_id": previous.id}
-
-        if with_turn:
-            moved(await self.read(previous_of, quick=True))
-            created.unsaved = (row, link)
-            return created
-
-        def job(conn: Connection) -> None:
-            moved(previous_of(conn))
-            conn.execute(sql.insert_conversation, row)
-            conn.execute(sql.insert_link, link)
-
-        try:
-            await self.write(job, quick=True)
-        except IntegrityError:
-            existing = await self.conversation_for_thread(thread.key)
-            if existing is None:
-                raise
-            return existing
+        previous = await self.read(
+            lambda conn: conn.execute(sql.latest_of_thread, params).first(), quick=True
+        )
+        if previous is not None and (previous.data or {}).get("moved_to_agent") is not None:
+            # The thread was moved to another agent: its new conversation names the old one.
+            row["data"] = created.data = {**data, "previous_conversation_id": previous.id}
+        created.unsaved = (row, link)
+        if not with_turn:
+            await self._write_for(created, _nothing)
         return created
 
     async def _write_for(self, conversation: Conversation, job: Callable[[Connection], T]) -> T:
         """Run the quick write `job`, which refers to `conversation`; first, in the same
         transaction, write the conversation if it was opened `with_turn` and is not written yet.
 
-        Should its thread have been linked to another conversation meanwhile (the link's key
-        is taken), `conversation` becomes that one, as `open_conversation` would have
-        returned it, and `job` runs again.
+        Should its thread be linked to another conversation already (the link's key is
+        taken), `conversation` becomes that one and `job` runs again: so `open_conversation`
+        returns the conversation a thread has, and a turn is stored in it.
         """
         unsaved = conversation.unsaved
         if unsaved is None:
@@ -614,29 +597,12 @@ class Store:
             existing = await self.conversation_for_thread(conversation.thread_key)
             if existing is None or existing.id == conversation.id:
                 raise
-            for name in ("id", "agent", "data", "remote_id", "state", "status", "created"):
+            for name in _STORED:
                 setattr(conversation, name, getattr(existing, name))
             conversation.unsaved = None
             return await self.write(job, quick=True)
         conversation.unsaved = None
         return result
-
-    async def set_remote(
-        self,
-        conversation_id: str,
-        *,
-        remote_id: str | None = None,
-        state: dict[str, Any] | None = None,
-    ) -> None:
-        values: dict[str, Any] = {"updated": utcnow()}
-        if remote_id is not None:
-            values["remote_id"] = remote_id
-        if state is not None:
-            values["state"] = state
-        statement = (
-            conversations.update().where(conversations.c.id == conversation_id).values(**values)
-        )
-        await self.write(lambda conn: conn.execute(statement), quick=True)
 
     async def save_remote(self, conversation: Conversation) -> None:
         """Write the conversation's remote session id now (and the conversation, if it is not
@@ -1240,6 +1206,15 @@ def _change_from_row(row: Any) -> RouteChange:
         moved=row.moved,
         id=row.id,
     )
+
+
+# What a Conversation takes from its row (`_write_for` adopting one); its thread and source
+# are the same by then, and `situation` is the route's, not stored.
+_STORED = ("id", "agent", "data", "remote_id", "state", "status", "created", "updated")
+
+
+def _nothing(conn: Connection) -> None:
+    """A write job that writes nothing of its own (see `Store.open_conversation`)."""
 
 
 def _new_id(result: Any) -> int:

@@ -96,10 +96,9 @@ async def opened(admin: Admin, thread: ThreadRef, agent: str, **data: Any) -> Co
     c = await admin.store.open_conversation(thread, agent, data, "U1")
     service = admin.service(agent)
     assert service is not None
-    remote = await service.open(c)
-    if remote is not None:
-        await admin.store.set_remote(c.id, remote_id=remote)
-        c.remote_id = remote
+    c.remote_id = await service.open(c)
+    if c.remote_id is not None:
+        await admin.store.save_remote(c)
     return c
 
 
